@@ -231,4 +231,15 @@ pub trait CacheWriter: Send + fmt::Debug {
     /// A failure to release something (reported, since it may leak); the
     /// fill is abandoned either way.
     async fn abort(self: Box<Self>) -> Result<(), CacheError>;
+
+    /// Simulates the process dying at this point, for fault injection and
+    /// crash tests: release what only a live process holds (memory, file
+    /// descriptors, tasks) but leave on storage whatever a killed process
+    /// would leave there (a temp file, an incomplete upload), for
+    /// [`CacheBackend::recover`] to sweep.
+    ///
+    /// Nothing may become visible under the key. The default drops the
+    /// writer, which aborts it: right for a backend whose fills leave
+    /// nothing behind when the process dies, such as memory.
+    fn crash(self: Box<Self>) {}
 }
