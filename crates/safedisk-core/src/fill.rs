@@ -353,6 +353,11 @@ impl Limits {
         call: impl Future<Output = Result<T, CacheError>>,
     ) -> Result<T, CacheError> {
         let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            // A zero timeout still polls the call once; a spent deadline
+            // must not let even a fast call through.
+            return Err(CacheError::deadline(op, backend, key, self.total));
+        }
         let (limit, by_total) = if left < self.idle {
             (left, true)
         } else {
