@@ -1,0 +1,289 @@
+//! A local disk backend for SafeDisk.
+//!
+//! [`FsBackend`] keeps each cache entry in one file under a root directory
+//! and implements [`CacheBackend`], so it plugs into
+//! [`safedisk_core::Cache`] and [`safedisk_core::Fill`] like any backend.
+//!
+//! # Layout
+//!
+//! ```text
+//! root/
+//!   tmp/                         temp files of fills in flight
+//!     <pid>-<n>.tmp
+//!   entries/                     published entries
+//!     ab/cd/abcd…(64 hex)        named by the key's digest, never its text
+//! ```
+//!
+//! Both directories live on one filesystem, so publishing is a `rename`.
+//! Every operation is done relative to directory handles opened once, with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` (or, where the kernel
+//! lacks it, `openat(O_NOFOLLOW)` one component at a time): a symlink
+//! planted anywhere under the root is refused, never followed, so nothing
+//! outside the root is read, written or removed.
+//!
+//! # One fill
+//!
+//! 1. **Begin** checks the free-space floor ([`FsOptions::space_floor`]),
+//!    creates `tmp/<pid>-<n>.tmp` with `O_CREAT | O_EXCL | O_NOFOLLOW |
+//!    O_CLOEXEC` and mode 0600, takes an exclusive `flock` on it, writes a
+//!    placeholder header, and when the expected length is known reserves
+//!    the whole file with `fallocate`, so a full disk is a
+//!    [`NoSpace`](ErrorKind::NoSpace) error before the first byte streams.
+//!    On a filesystem without `fallocate` the reservation is kept in
+//!    memory instead, and only fills of this backend value see it.
+//! 2. **Write** gathers chunks into a buffer ([`FsOptions::write_buffer`])
+//!    and hands full buffers to the file with `write_all`, which loops over
+//!    short writes.
+//! 3. **Commit** writes the rest and the final header (length, SHA-256 and
+//!    metadata), `fdatasync`s the file, renames it into place (create-only
+//!    mode uses `RENAME_NOREPLACE`, or `link` where that is missing, so the
+//!    first commit wins), then `fsync`s the entry's directory. With
+//!    [`Durability::NoSync`] both syncs are skipped.
+//! 4. **Abort** and drop unlink the temp file and close its descriptor,
+//!    right away on the calling thread (drop) or on the blocking pool
+//!    (abort); neither needs a runtime to have been kept.
+//!
+//! Length and digest checks and deadlines are not here: [`Fill`] does them
+//! for every backend before this backend's commit is called.
+//!
+//! # Blocking I/O
+//!
+//! File I/O never runs on an async worker thread. Each blocking step (begin,
+//! a buffer hand-off, commit, abort, a read) is one
+//! `tokio::task::spawn_blocking` call. A dedicated thread per writer fed by
+//! a channel was the alternative; `spawn_blocking` reuses pooled threads,
+//! costs one hand-off per step instead of a thread start per fill, and,
+//! with writes gathered into 256 KiB buffers, a small entry needs only the
+//! begin and commit hand-offs. The exception is dropping a writer, which
+//! unlinks its temp file on the dropping thread because drop cannot wait.
+//! [`FsBackend::open`] is blocking too; call it at startup or inside
+//! `spawn_blocking`.
+//!
+//! # One file per entry
+//!
+//! The header (format version, data length, SHA-256, the key, content
+//! type, ETag, origin and user metadata, and a checksum of the header)
+//! and the bytes are one file, published by one rename: data and metadata
+//! can never disagree. [`get`](CacheBackend::get) checks the header, that
+//! it names the key asked for, and that the file size matches; an entry
+//! failing any check is removed and reported as
+//! [`IntegrityMismatch`](ErrorKind::IntegrityMismatch). With
+//! [`FsOptions::verify_on_read`] the bytes are hashed as they stream too.
+//!
+//! # Crash recovery
+//!
+//! [`FsBackend::open`] runs [`recover`](CacheBackend::recover) before
+//! serving. A writer holds its temp file's `flock` until it finishes; the
+//! kernel releases it when the process dies. The sweep removes exactly the
+//! temp files whose lock it can take without waiting, so a second live
+//! process sharing the root loses nothing, however long its fills take.
+//! `flock` must work between the processes sharing the root: any local
+//! filesystem; not some network filesystems.
+//!
+//! # Known limits
+//!
+//! - A reader holding an entry open keeps reading the old bytes after a
+//!   remove or an overwrite; the space is freed when it finishes.
+//! - [`remove`](CacheBackend::remove) does not sync the directory: after
+//!   a power loss a removed entry may come back (complete and valid).
+//! - The space floor is checked at begin, and every 4 MiB of a fill of
+//!   unknown length; between checks a fill can use space down to the
+//!   filesystem's real limit, where writes fail with `NoSpace`.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use bytes::Bytes;
+//! use futures::{StreamExt, stream};
+//! use safedisk_core::{Cache, CacheKey, WriteOptions};
+//! use safedisk_fs::{FsBackend, FsOptions};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let cache = Cache::new(Arc::new(FsBackend::open(dir.path(), FsOptions::new())?));
+//! let key = CacheKey::new("pypi", "six-1.16.0-py2.py3-none-any.whl")?;
+//! let upstream = stream::iter([Ok::<_, std::io::Error>(Bytes::from("wheel bytes"))]);
+//!
+//! let (body, fill) = cache.tee(&key, WriteOptions::new(), upstream).await;
+//! let sent: Vec<_> = body.collect().await;
+//! assert_eq!(sent.len(), 1);
+//! assert!(fill.await.is_committed());
+//!
+//! let entry = cache.backend().get(&key).await?.expect("published");
+//! assert_eq!(entry.meta.len(), 11);
+//! # Ok(())
+//! # }
+//! ```
+
+mod format;
+mod options;
+mod read;
+mod recover;
+mod root;
+mod writer;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use rustix::fs::AtFlags;
+use rustix::io::Errno;
+use safedisk_core::{
+    CacheBackend, CacheError, CacheKey, CacheWriter, Entry, ErrorKind, Operation, RecoveryReport,
+    WriteOptions,
+};
+
+#[cfg(doc)]
+use safedisk_core::Fill;
+
+pub use options::{DEFAULT_WRITE_BUFFER, Durability, FsOptions, SpaceFloor};
+
+use root::{EntryPath, Root};
+use writer::FsWriter;
+
+/// The backend's name in errors and logs.
+const NAME: &str = "fs";
+
+/// A cache backend over a local directory. Cheap to clone; clones share
+/// the open directory handles.
+///
+/// See the [crate docs](crate) for the layout, the write path and what
+/// each setting promises.
+#[derive(Debug, Clone)]
+pub struct FsBackend {
+    root: Arc<Root>,
+}
+
+impl FsBackend {
+    /// Opens the cache at `root`, creating it and its layout if needed, and
+    /// sweeps temp files left by dead writers before returning.
+    ///
+    /// Blocking: run it at startup or inside `spawn_blocking`.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`] and the other I/O kinds when the directories
+    /// cannot be created or opened, including when `tmp/` or `entries/` is
+    /// a symlink (refused, never followed), or when the sweep fails.
+    pub fn open(root: impl AsRef<Path>, options: FsOptions) -> Result<Self, CacheError> {
+        let root = root.as_ref();
+        let open_err = |err: std::io::Error| {
+            CacheError::from_io(err, Operation::Open, NAME)
+                .with_detail(format!("cannot open cache root {}", root.display()))
+        };
+
+        let root = Arc::new(Root::open(root, options).map_err(open_err)?);
+        recover::sweep(&root).map_err(|e| CacheError::from_io(e, Operation::Recover, NAME))?;
+        Ok(Self { root })
+    }
+
+    /// The root directory, as given to [`open`](Self::open).
+    pub fn root(&self) -> &Path {
+        &self.root.path
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &FsOptions {
+        &self.root.options
+    }
+}
+
+#[async_trait]
+impl CacheBackend for FsBackend {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    async fn begin(
+        &self,
+        key: &CacheKey,
+        options: &WriteOptions,
+    ) -> Result<Box<dyn CacheWriter>, CacheError> {
+        let root = self.root.clone();
+        let owned_key = key.clone();
+        let options = options.clone();
+        let writer = blocking(Operation::Begin, key, move || {
+            FsWriter::begin(root, owned_key, &options)
+        })
+        .await?;
+        Ok(Box::new(writer))
+    }
+
+    async fn get(&self, key: &CacheKey) -> Result<Option<Entry>, CacheError> {
+        let root = self.root.clone();
+        let owned_key = key.clone();
+        let opened = blocking(Operation::Get, key, move || read::open(&root, &owned_key)).await?;
+        let Some(opened) = opened else {
+            return Ok(None);
+        };
+        let verify = self.root.options.verify_on_read;
+        read::into_entry(self.root.clone(), key.clone(), opened, verify)
+            .await
+            .map(Some)
+    }
+
+    async fn remove(&self, key: &CacheKey) -> Result<bool, CacheError> {
+        let root = self.root.clone();
+        let owned_key = key.clone();
+        blocking(Operation::Remove, key, move || {
+            let fail = |err: std::io::Error| {
+                CacheError::from_io(err, Operation::Remove, NAME).with_key(&owned_key)
+            };
+            let path = EntryPath::of(&owned_key);
+            let Some(dir) = root.entry_dir(&path, false).map_err(fail)? else {
+                return Ok(false);
+            };
+            match rustix::fs::unlinkat(&dir, path.file.as_str(), AtFlags::empty()) {
+                Ok(()) => Ok(true),
+                Err(Errno::NOENT) => Ok(false),
+                Err(e) => Err(fail(e.into())),
+            }
+        })
+        .await
+    }
+
+    async fn recover(&self) -> Result<RecoveryReport, CacheError> {
+        let root = self.root.clone();
+        match tokio::task::spawn_blocking(move || recover::sweep(&root)).await {
+            Ok(result) => result.map_err(|e| CacheError::from_io(e, Operation::Recover, NAME)),
+            Err(_) => Err(
+                CacheError::new(ErrorKind::Backend, Operation::Recover, NAME)
+                    .with_detail("recovery sweep did not finish"),
+            ),
+        }
+    }
+
+    async fn pending(&self) -> Result<u64, CacheError> {
+        let root = self.root.clone();
+        match tokio::task::spawn_blocking(move || root.temp_names()).await {
+            Ok(result) => result
+                .map(|names| names.len() as u64)
+                .map_err(|e| CacheError::from_io(e, Operation::Open, NAME)),
+            Err(_) => Err(CacheError::new(ErrorKind::Backend, Operation::Open, NAME)
+                .with_detail("temp area listing did not finish")),
+        }
+    }
+}
+
+/// Runs a blocking step on tokio's blocking pool.
+async fn blocking<T, F>(op: Operation, key: &CacheKey, step: F) -> Result<T, CacheError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, CacheError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(step).await {
+        Ok(result) => result,
+        Err(err) => {
+            let detail = if err.is_panic() {
+                "blocking step panicked"
+            } else {
+                "blocking step cancelled by runtime shutdown"
+            };
+            Err(CacheError::new(ErrorKind::Backend, op, NAME)
+                .with_key(key)
+                .with_detail(detail))
+        }
+    }
+}

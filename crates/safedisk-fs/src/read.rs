@@ -1,0 +1,214 @@
+//! Reading a published entry: header first, then the bytes as a stream.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::{self, BoxStream};
+use safedisk_core::{CacheError, CacheKey, Entry, EntryMeta, ErrorKind, Operation};
+use sha2::{Digest, Sha256};
+
+use crate::format::{self, Header, HeaderError};
+use crate::root::{EntryPath, Root};
+use crate::{NAME, blocking};
+
+/// Bytes read with the header in the first call: a header at its limit,
+/// and small entries whole.
+const PREFETCH: usize = 128 * 1024;
+
+/// Bytes per read after the first.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// An entry opened and its header checked. Blocking.
+pub(crate) struct Opened {
+    file: Arc<File>,
+    header: Header,
+    first: Bytes,
+}
+
+/// Opens the entry of `key`; a corrupt one is removed and reported as
+/// `IntegrityMismatch`. Blocking.
+pub(crate) fn open(root: &Root, key: &CacheKey) -> Result<Option<Opened>, CacheError> {
+    let fail = |err| CacheError::from_io(err, Operation::Get, NAME).with_key(key);
+    let path = EntryPath::of(key);
+    let Some(file) = root.open_entry(&path).map_err(fail)? else {
+        return Ok(None);
+    };
+
+    let size = file.metadata().map_err(fail)?.len();
+    let mut prefix = vec![0u8; size.min(PREFETCH as u64) as usize];
+    file.read_exact_at(&mut prefix, 0).map_err(fail)?;
+
+    let header = match check(&prefix, size, key) {
+        Ok(header) => header,
+        Err(HeaderError::Version(version)) => {
+            return Err(
+                CacheError::new(ErrorKind::Unsupported, Operation::Get, NAME)
+                    .with_key(key)
+                    .with_detail(format!("entry format version {version} is not known")),
+            );
+        }
+        Err(HeaderError::Corrupt(why)) => return Err(corrupt(root, &path, &file, key, why)),
+    };
+
+    let start = header.header_len as usize;
+    let end = (start as u64 + header.summary.len).min(prefix.len() as u64) as usize;
+    let first = Bytes::from(prefix).slice(start..end);
+    Ok(Some(Opened {
+        file: Arc::new(file),
+        header,
+        first,
+    }))
+}
+
+fn check(prefix: &[u8], size: u64, key: &CacheKey) -> Result<Header, HeaderError> {
+    let header_len = format::declared_len(prefix)?;
+    if header_len > prefix.len() {
+        return Err(HeaderError::Corrupt("file shorter than its header"));
+    }
+    let header = format::decode(&prefix[..header_len])?;
+    if header.namespace != key.namespace() || header.name != key.name() {
+        return Err(HeaderError::Corrupt("entry belongs to another key"));
+    }
+    if header.header_len.checked_add(header.summary.len) != Some(size) {
+        return Err(HeaderError::Corrupt("file size differs from its header"));
+    }
+    Ok(header)
+}
+
+/// Removes a corrupt entry (if it is still the one that was read) and
+/// returns the error that reports it.
+fn corrupt(root: &Root, path: &EntryPath, file: &File, key: &CacheKey, why: &str) -> CacheError {
+    let removed = root.remove_if_same(path, file).unwrap_or(false);
+    tracing::warn!(backend = NAME, key = %key, reason = why, removed,
+        "corrupt cache entry found on read");
+    CacheError::new(ErrorKind::IntegrityMismatch, Operation::Get, NAME)
+        .with_key(key)
+        .with_detail(format!("corrupt entry removed: {why}"))
+}
+
+/// Turns an opened entry into an [`Entry`] whose body reads the rest on
+/// the blocking pool. With `verify`, a digest mismatch ends the body with
+/// an error in place of its last chunk.
+pub(crate) async fn into_entry(
+    root: Arc<Root>,
+    key: CacheKey,
+    opened: Opened,
+    verify: bool,
+) -> Result<Entry, CacheError> {
+    let Opened {
+        file,
+        header,
+        first,
+    } = opened;
+    let summary = header.summary;
+    let in_first = first.len() as u64;
+
+    // A small entry is whole in `first`: check it before handing it out.
+    if verify && in_first == summary.len && Sha256::digest(&first)[..] != summary.sha256 {
+        let path = EntryPath::of(&key);
+        let key2 = key.clone();
+        return Err(blocking(Operation::Get, &key, move || {
+            Ok(corrupt(&root, &path, &file, &key2, "data digest mismatch"))
+        })
+        .await
+        .unwrap_or_else(|e| e));
+    }
+
+    let body = Body {
+        root,
+        key,
+        file,
+        offset: header.header_len + in_first,
+        remaining: summary.len - in_first,
+        first: (!first.is_empty()).then_some(first),
+        hasher: (verify && in_first < summary.len).then(Sha256::new),
+        expected: summary.sha256,
+        done: false,
+    };
+    Ok(Entry {
+        meta: EntryMeta::new(summary, header.metadata),
+        body: body.into_stream(),
+    })
+}
+
+struct Body {
+    root: Arc<Root>,
+    key: CacheKey,
+    file: Arc<File>,
+    offset: u64,
+    remaining: u64,
+    first: Option<Bytes>,
+    hasher: Option<Sha256>,
+    expected: [u8; 32],
+    done: bool,
+}
+
+impl Body {
+    fn into_stream(self) -> BoxStream<'static, Result<Bytes, CacheError>> {
+        Box::pin(stream::unfold(self, |mut body| async move {
+            if body.done {
+                return None;
+            }
+            let result = body.next_chunk().await;
+            if result.is_err() {
+                body.done = true;
+            }
+            match result {
+                Ok(Some(chunk)) => Some((Ok(chunk), body)),
+                Ok(None) => None,
+                Err(err) => Some((Err(err), body)),
+            }
+        }))
+    }
+
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, CacheError> {
+        let chunk = if let Some(first) = self.first.take() {
+            first
+        } else if self.remaining == 0 {
+            return Ok(None);
+        } else {
+            let n = self.remaining.min(READ_CHUNK as u64) as usize;
+            let file = self.file.clone();
+            let offset = self.offset;
+            let key = self.key.clone();
+            let chunk = blocking(Operation::Get, &self.key, move || {
+                let mut buf = vec![0u8; n];
+                file.read_exact_at(&mut buf, offset).map_err(|e| {
+                    CacheError::from_io(e, Operation::Get, NAME)
+                        .with_key(&key)
+                        .with_detail("entry shorter than its header says")
+                })?;
+                Ok(Bytes::from(buf))
+            })
+            .await?;
+            self.offset += n as u64;
+            self.remaining -= n as u64;
+            chunk
+        };
+
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(&chunk);
+            if self.remaining == 0 {
+                let digest: [u8; 32] = std::mem::take(hasher).finalize().into();
+                if digest != self.expected {
+                    return Err(self.corrupt().await);
+                }
+            }
+        }
+        Ok(Some(chunk))
+    }
+
+    async fn corrupt(&self) -> CacheError {
+        let root = self.root.clone();
+        let file = self.file.clone();
+        let key = self.key.clone();
+        blocking(Operation::Get, &self.key, move || {
+            let path = EntryPath::of(&key);
+            Ok(corrupt(&root, &path, &file, &key, "data digest mismatch"))
+        })
+        .await
+        .unwrap_or_else(|e| e)
+    }
+}
