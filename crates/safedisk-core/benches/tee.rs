@@ -8,7 +8,10 @@
 //! - `tee`: through `tee` into a fill on a fast in-memory writer that keeps
 //!   nothing, with the default policy (abandon on lag);
 //! - `tee-hold`: the same, but the client waits for the cache when it lags,
-//!   so every fill completes (the cache side, which hashes, sets the pace).
+//!   so every fill completes (the cache side, which hashes, sets the pace);
+//! - `inline`: no tee, but the forwarding task also hashes every chunk with
+//!   SHA-256: the least a cache written inline on the client's path, with
+//!   verification, would cost. `tee-hold` is compared against it.
 //!
 //! Prints medians, the throughput ratio against `plain`, the per-chunk
 //! overhead, and how many fills committed.
@@ -123,6 +126,24 @@ async fn run_plain(body: &Bytes, out: &mut [u8]) -> Duration {
     started.elapsed()
 }
 
+async fn run_inline(body: &Bytes, out: &mut [u8]) -> Duration {
+    use sha2::Digest;
+
+    let started = Instant::now();
+    let mut hasher = sha2::Sha256::new();
+    let mut source = upstream(body);
+    let mut sent = 0usize;
+    while let Some(chunk) = source.next().await {
+        let chunk = chunk.expect("chunk");
+        hasher.update(&chunk);
+        out[..chunk.len()].copy_from_slice(&chunk);
+        sent += chunk.len();
+    }
+    std::hint::black_box(hasher.finalize());
+    assert_eq!(sent, TOTAL);
+    started.elapsed()
+}
+
 async fn run_tee(
     backend: &Sink,
     body: &Bytes,
@@ -164,6 +185,7 @@ fn main() {
     });
 
     let (mut plain, mut teed, mut held) = (Vec::new(), Vec::new(), Vec::new());
+    let mut inline = Vec::new();
     let (mut teed_committed, mut held_committed) = (0, 0);
     runtime.block_on(async {
         // Warm-up: page in the body and the output buffer.
@@ -176,12 +198,14 @@ fn main() {
             let (t, committed) = run_tee(&backend, &body, &mut out, hold).await;
             held.push(t.as_secs_f64());
             held_committed += usize::from(committed);
+            inline.push(run_inline(&body, &mut out).await.as_secs_f64());
         }
     });
 
     let chunks = (TOTAL / CHUNK) as f64;
     let mib = (TOTAL >> 20) as f64;
     let (plain, teed, held) = (median(plain), median(teed), median(held));
+    let inline = median(inline);
     println!(
         "tee bench: {mib} MiB in {} KiB chunks, {rounds} interleaved rounds, medians",
         CHUNK >> 10
@@ -190,7 +214,13 @@ fn main() {
         "{:<10} {:>10} {:>12} {:>14} {:>16}",
         "case", "ms", "MiB/s", "ratio vs plain", "overhead/chunk"
     );
-    for (name, secs) in [("plain", plain), ("tee", teed), ("tee-hold", held)] {
+    let cases = [
+        ("plain", plain),
+        ("tee", teed),
+        ("inline", inline),
+        ("tee-hold", held),
+    ];
+    for (name, secs) in cases {
         println!(
             "{:<10} {:>10.1} {:>12.0} {:>14.3} {:>13.0} ns",
             name,
@@ -200,5 +230,9 @@ fn main() {
             (secs - plain) / chunks * 1e9,
         );
     }
+    println!(
+        "tee-hold vs inline (both hash every byte): {:.3}",
+        inline / held
+    );
     println!("fills committed: tee {teed_committed}/{rounds}, tee-hold {held_committed}/{rounds}");
 }

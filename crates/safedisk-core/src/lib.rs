@@ -103,3 +103,8 @@ pub use tee::{
     AbandonReason, BodyError, ClientGonePolicy, DEFAULT_BUFFER_BYTES, FillHandle, FillOutcome,
     LagPolicy, TeeBody, TeePolicy, tee,
 };
+
+/// The README's examples, compiled as doctests so they stay true.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
