@@ -228,9 +228,7 @@ impl CacheBackend for FsBackend {
         let root = self.root.clone();
         let owned_key = key.clone();
         blocking(Operation::Remove, key, move || {
-            let fail = |err: std::io::Error| {
-                CacheError::from_io(err, Operation::Remove, NAME).with_key(&owned_key)
-            };
+            let fail = |err| io_error(err, Operation::Remove, &owned_key);
             let path = EntryPath::of(&owned_key);
             let Some(dir) = root.entry_dir(&path, false).map_err(fail)? else {
                 return Ok(false);
@@ -264,6 +262,26 @@ impl CacheBackend for FsBackend {
             Err(_) => Err(CacheError::new(ErrorKind::Backend, Operation::Open, NAME)
                 .with_detail("temp area listing did not finish")),
         }
+    }
+}
+
+/// An I/O error as a cache error; a symlink met under the root (refused by
+/// `RESOLVE_NO_SYMLINKS` or `O_NOFOLLOW`) is said so, and logged, since
+/// someone planted it.
+fn io_error(err: std::io::Error, op: Operation, key: &CacheKey) -> CacheError {
+    let planted = matches!(
+        err.raw_os_error(),
+        Some(code) if code == Errno::LOOP.raw_os_error() || code == Errno::XDEV.raw_os_error()
+    );
+    let error = CacheError::from_io(err, op, NAME).with_key(key);
+    if planted {
+        tracing::warn!(backend = NAME, key = %key, operation = %op,
+            "symlink found under the cache root; refused");
+        error
+            .with_detail("symlink under the cache root refused")
+            .with_transient(false)
+    } else {
+        error
     }
 }
 

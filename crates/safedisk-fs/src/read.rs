@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::format::{self, Header, HeaderError};
 use crate::root::{EntryPath, Root};
-use crate::{NAME, blocking};
+use crate::{NAME, blocking, io_error};
 
 /// Bytes read with the header in the first call: a header at its limit,
 /// and small entries whole.
@@ -30,7 +30,7 @@ pub(crate) struct Opened {
 /// Opens the entry of `key`; a corrupt one is removed and reported as
 /// `IntegrityMismatch`. Blocking.
 pub(crate) fn open(root: &Root, key: &CacheKey) -> Result<Option<Opened>, CacheError> {
-    let fail = |err| CacheError::from_io(err, Operation::Get, NAME).with_key(key);
+    let fail = |err| io_error(err, Operation::Get, key);
     let path = EntryPath::of(key);
     let Some(file) = root.open_entry(&path).map_err(fail)? else {
         return Ok(None);

@@ -17,7 +17,7 @@ use safedisk_core::{
 };
 
 use crate::root::{EntryPath, PLACEHOLDER, Root};
-use crate::{NAME, blocking, format};
+use crate::{NAME, blocking, format, io_error};
 
 /// How often, in bytes written, a fill of unknown length checks the free
 /// space floor: 4 MiB.
@@ -108,8 +108,7 @@ impl FsWriter {
         key: CacheKey,
         options: &WriteOptions,
     ) -> Result<Self, CacheError> {
-        let fail =
-            |err: std::io::Error| CacheError::from_io(err, Operation::Begin, NAME).with_key(&key);
+        let fail = |err| io_error(err, Operation::Begin, &key);
         let header = format::encode(&key, &options.metadata, &PLACEHOLDER);
         let needed = options.expected_len.map(|len| len + header.len() as u64);
 
@@ -199,7 +198,7 @@ impl CacheWriter for FsWriter {
         let key = self.key.clone();
 
         let mut buffer = blocking(Operation::Write, &self.key, move || {
-            let fail = |err| CacheError::from_io(err, Operation::Write, NAME).with_key(&key);
+            let fail = |err| io_error(err, Operation::Write, &key);
             (&*file).write_all(&buffer).map_err(fail)?;
             if direct {
                 (&*file).write_all(&chunk).map_err(fail)?;
@@ -239,7 +238,7 @@ impl CacheWriter for FsWriter {
         let create_only = self.mode == WriteMode::CreateOnly;
 
         blocking(Operation::Commit, &self.key, move || {
-            let fail = |err| CacheError::from_io(err, Operation::Commit, NAME).with_key(&key);
+            let fail = |err| io_error(err, Operation::Commit, &key);
             let file = &*temp.file;
             let root = &temp.root;
 
