@@ -226,8 +226,8 @@ struct RuleState {
 
 impl Injector {
     pub(crate) fn new(plan: FaultPlan) -> Self {
-        // One stream per rule, so adding a rule never shifts the draws of
-        // the others.
+        // One stream per rule, so a rule added at the end never shifts the
+        // draws of the others.
         let rules = (0..plan.rules().len())
             .map(|index| {
                 let mut rng = ChaCha8Rng::seed_from_u64(plan.seed());
@@ -270,7 +270,7 @@ impl Injector {
                 Trigger::Always => true,
                 Trigger::Once => rule_state.arrivals == 1,
                 Trigger::Nth(n) => rule_state.arrivals == n,
-                Trigger::Every(k) => rule_state.arrivals % k == 0,
+                Trigger::Every(k) => rule_state.arrivals.is_multiple_of(k),
                 Trigger::Probability(p) => rule_state.rng.random_bool(p),
             };
             if !fires {

@@ -474,7 +474,7 @@ struct Size(u64);
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (unit, scale) in SIZE_UNITS {
-            if self.0 != 0 && self.0 % scale == 0 {
+            if self.0 != 0 && self.0.is_multiple_of(scale) {
                 return write!(f, "{}{unit}", self.0 / scale);
             }
         }
@@ -490,7 +490,7 @@ impl fmt::Display for DurationText {
         let nanos = self.0.as_nanos();
         let (unit, scale) = DURATION_UNITS
             .into_iter()
-            .find(|(_, scale)| nanos % scale == 0)
+            .find(|(_, scale)| nanos.is_multiple_of(*scale))
             .unwrap_or(("ns", 1));
         write!(f, "{}{unit}", nanos / scale)
     }
