@@ -294,6 +294,9 @@ impl Injector {
             fired.truncate(end + 1);
         }
 
+        if fired.is_empty() {
+            return Verdict { fired };
+        }
         let elapsed = self.created.elapsed();
         let key = key.to_string();
         for f in &fired {
