@@ -11,7 +11,7 @@
 //!   tmp/                         temp files of fills in flight
 //!     <pid>-<n>.tmp
 //!   entries/                     published entries
-//!     ab/cd/abcd…(64 hex)        named by the key's digest, never its text
+//!     ab/ab12…(64 hex)           named by the key's digest, never its text
 //! ```
 //!
 //! Both directories live on one filesystem, so publishing is a `rename`.

@@ -10,7 +10,8 @@ pub const DEFAULT_WRITE_BUFFER: usize = 256 * 1024;
 pub enum Durability {
     /// When commit returns `Ok`, the entry survives power loss: the temp
     /// file is `fdatasync`ed before the rename, and the entry's directory
-    /// (and any directory created for it, and its parent) is `fsync`ed after
+    /// (and, when a shard directory had to be created for it, the
+    /// parent of that directory) is `fsync`ed after
     /// it. A failed sync fails the commit; the fill is then never published
     /// or retried. The default.
     #[default]

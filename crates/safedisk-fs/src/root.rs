@@ -26,13 +26,16 @@ pub(crate) const ENTRIES_DIR: &str = "entries";
 /// filter); then paths are walked one component at a time.
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 
-/// Where an entry lives under `entries/`: two levels of shard directories
-/// named by the key digest, then the digest itself. No part comes from the
-/// key's text.
+/// Where an entry lives under `entries/`: a shard directory named by the
+/// first two hex digits of the key digest, then the digest itself. No part
+/// comes from the key's text.
+///
+/// One level of 256 shards keeps directories small (4 096 entries each at
+/// a million entries) while a commit almost never creates a directory,
+/// which would cost extra syncs.
 #[derive(Debug, Clone)]
 pub(crate) struct EntryPath {
     pub(crate) shard: String,
-    pub(crate) subshard: String,
     pub(crate) file: String,
 }
 
@@ -41,17 +44,12 @@ impl EntryPath {
         let hex = key.digest_hex();
         Self {
             shard: hex[..2].to_owned(),
-            subshard: hex[2..4].to_owned(),
             file: hex,
         }
     }
 
-    pub(crate) fn dir(&self) -> String {
-        format!("{}/{}", self.shard, self.subshard)
-    }
-
     pub(crate) fn relative(&self) -> String {
-        format!("{}/{}/{}", self.shard, self.subshard, self.file)
+        format!("{}/{}", self.shard, self.file)
     }
 }
 
@@ -118,34 +116,23 @@ impl Root {
         Ok((free, self.options.space_floor.bytes_of(total)))
     }
 
-    /// Opens the directory holding `path`'s entry, creating the shard
-    /// directories when `create` is set. `Ok(None)` when it does not exist
-    /// and `create` is not set.
+    /// Opens the shard directory of `path`'s entry, creating it when
+    /// `create` is set. `Ok(None)` when it does not exist and `create` is
+    /// not set.
     pub(crate) fn entry_dir(&self, path: &EntryPath, create: bool) -> io::Result<Option<OwnedFd>> {
-        if !create {
-            return match open_beneath(&self.entries, &path.dir(), dir_flags()) {
-                Ok(fd) => Ok(Some(fd)),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(e),
-            };
+        match open_dir(&self.entries, &path.shard) {
+            Ok(fd) => return Ok(Some(fd)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
         }
-
-        let made_shard = make_dir(&self.entries, &path.shard)?;
-        let shard = open_dir(&self.entries, &path.shard)?;
-        let made_sub = make_dir(&shard, &path.subshard)?;
-        let sub = open_dir(&shard, &path.subshard)?;
 
         // A new directory's own name is durable only once its parent is
         // synced.
-        if self.durable() {
-            if made_shard {
-                rustix::fs::fsync(&self.entries)?;
-            }
-            if made_sub {
-                rustix::fs::fsync(&shard)?;
-            }
+        if make_dir(&self.entries, &path.shard)? && self.durable() {
+            rustix::fs::fsync(&self.entries)?;
         }
-        Ok(Some(sub))
+        open_dir(&self.entries, &path.shard).map(Some)
     }
 
     /// Opens a published entry for reading.

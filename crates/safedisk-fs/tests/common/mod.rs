@@ -72,10 +72,7 @@ pub fn temp_files(root: &Path) -> usize {
 /// Where the entry of `key` lives on disk.
 pub fn entry_file(root: &Path, key: &CacheKey) -> PathBuf {
     let hex = key.digest_hex();
-    root.join("entries")
-        .join(&hex[..2])
-        .join(&hex[2..4])
-        .join(&hex)
+    root.join("entries").join(&hex[..2]).join(&hex)
 }
 
 /// Open descriptors of this process.
