@@ -128,7 +128,7 @@
 //!
 //! # Testing
 //!
-//! With the `testing` feature, [`testing`] serves a real S3 server
+//! With the `testing` feature, the `testing` module serves a real S3 server
 //! (`s3s-fs`) in-process on loopback, with helpers for fault tests.
 
 mod backend;

@@ -22,9 +22,21 @@ fn key(name: &str) -> CacheKey {
     CacheKey::new("npm", name).unwrap()
 }
 
+/// `len` bytes: a 64 KiB random tile repeated, each copy stamped with its
+/// index, so a misplaced or repeated part changes the bytes. (Random bytes
+/// throughout cost seconds per test in debug builds.)
 fn body(len: usize, seed: u64) -> Bytes {
-    let mut bytes = vec![0u8; len];
-    ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut bytes);
+    const TILE: usize = 64 * 1024;
+    let mut tile = vec![0u8; TILE];
+    ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut tile);
+    let mut bytes = Vec::with_capacity(len);
+    let mut index = 0u64;
+    while bytes.len() < len {
+        tile[..8].copy_from_slice(&index.to_le_bytes());
+        let take = TILE.min(len - bytes.len());
+        bytes.extend_from_slice(&tile[..take]);
+        index += 1;
+    }
     Bytes::from(bytes)
 }
 
@@ -162,7 +174,7 @@ async fn abort_of_a_multipart_fill_leaves_nothing() {
     let mut fill = Fill::begin(&backend, &key, WriteOptions::new())
         .await
         .unwrap();
-    write_all(&mut fill, &body(12 * MIB, 3)).await.unwrap();
+    write_all(&mut fill, &body(11 * MIB, 3)).await.unwrap();
     assert!(!server.open_uploads().unwrap().is_empty(), "upload started");
     assert_eq!(backend.pending().await.unwrap(), 1);
 
@@ -182,7 +194,7 @@ async fn drop_without_commit_aborts_the_upload() {
     let mut fill = Fill::begin(&backend, &key, WriteOptions::new())
         .await
         .unwrap();
-    write_all(&mut fill, &body(11 * MIB, 4)).await.unwrap();
+    write_all(&mut fill, &body(6 * MIB, 4)).await.unwrap();
     assert!(!server.open_uploads().unwrap().is_empty(), "upload started");
     drop(fill);
 
@@ -247,7 +259,7 @@ async fn crash_leaves_the_upload_open_and_nothing_visible() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_only_first_commit_wins_small_and_multipart() {
     let (server, backend) = setup().await;
-    for (name, len) in [("small", 1000), ("large", 11 * MIB)] {
+    for (name, len) in [("small", 1000), ("large", 6 * MIB)] {
         let key = key(name);
         let first = body(len, 7);
         let second = body(len, 8);
@@ -317,7 +329,7 @@ async fn overwrite_replaces_and_removes_the_old_data() {
 async fn bad_bodies_are_never_published() {
     let (server, backend) = setup().await;
     let key = key("bad");
-    let bytes = body(7 * MIB, 12);
+    let bytes = body(6 * MIB, 12);
 
     let short = WriteOptions::new().expected_len(bytes.len() as u64 + 1);
     let err = fill(&backend, &key, short, &bytes).await.unwrap_err();
@@ -451,4 +463,77 @@ fn options_out_of_bounds_are_refused() {
     let err = ObjectStoreBackend::new(store, "p", S3Options::new().part_size(4 * MIB)).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
     assert!(err.to_string().contains("part size"), "{err}");
+}
+
+/// CPU time this thread has used; unlike wall time it does not grow while
+/// the thread is preempted by other processes on a busy machine.
+fn thread_cpu_time() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec for the duration of the
+    // call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    assert_eq!(rc, 0);
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+#[test]
+fn a_fill_and_a_read_never_hold_their_runtime_thread() {
+    // The server runs on a runtime of its own; the fill and the read share
+    // one thread with a ticker that records the most CPU time the thread
+    // spent elsewhere between two of its 5 ms ticks. (Wall-clock gaps would
+    // also count time the thread was preempted by other processes.)
+    let host = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = host.block_on(S3TestServer::start()).unwrap();
+    let store = host.block_on(async { server.store() });
+    let backend = backend(store);
+    let bytes = body(16 * MIB, 16);
+    let key = key("scheduling");
+
+    let fill_thread = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let largest = fill_thread.block_on(async {
+        let largest = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+        let ticker = tokio::spawn({
+            let largest = largest.clone();
+            async move {
+                let mut last = thread_cpu_time();
+                loop {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    let now = thread_cpu_time();
+                    let mut largest = largest.lock().unwrap();
+                    *largest = (*largest).max(now - last);
+                    last = now;
+                }
+            }
+        });
+        tokio::task::yield_now().await;
+
+        // Chunks of 64 KiB, as from a network: the fill hashes each chunk
+        // on this thread, and in debug builds a large one takes long.
+        let mut fill = Fill::begin(&backend, &key, WriteOptions::new())
+            .await
+            .unwrap();
+        for at in (0..bytes.len()).step_by(64 * 1024) {
+            fill.write(bytes.slice(at..at + 64 * 1024)).await.unwrap();
+        }
+        fill.commit().await.unwrap();
+        let entry = backend.get(&key).await.unwrap().unwrap();
+        let read: Vec<Bytes> = entry.body.map(|c| c.unwrap()).collect().await;
+        assert_eq!(Bytes::from(read.concat()), bytes);
+
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        ticker.abort();
+        *largest.lock().unwrap()
+    });
+    println!("most cpu time between ticks: {largest:?}");
+    assert!(largest < Duration::from_millis(200), "{largest:?}");
 }

@@ -20,9 +20,21 @@ use tokio::time::Instant;
 
 const MIB: usize = 1024 * 1024;
 
+/// `len` bytes: a 64 KiB random tile repeated, each copy stamped with its
+/// index, so a misplaced or repeated part changes the bytes. (Random bytes
+/// throughout cost seconds per test in debug builds.)
 fn body(len: usize, seed: u64) -> Bytes {
-    let mut bytes = vec![0u8; len];
-    ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut bytes);
+    const TILE: usize = 64 * 1024;
+    let mut tile = vec![0u8; TILE];
+    ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut tile);
+    let mut bytes = Vec::with_capacity(len);
+    let mut index = 0u64;
+    while bytes.len() < len {
+        tile[..8].copy_from_slice(&index.to_le_bytes());
+        let take = TILE.min(len - bytes.len());
+        bytes.extend_from_slice(&tile[..take]);
+        index += 1;
+    }
     Bytes::from(bytes)
 }
 
@@ -115,7 +127,7 @@ async fn a_full_server_disk_costs_entries_not_responses() {
     let options = S3Options::new().part_size(MIN_PART_SIZE);
     let backend = ObjectStoreBackend::new(server.store(), "cache", options).unwrap();
     let cache = cache(backend.clone());
-    let idle = Duration::from_secs(2);
+    let idle = safedisk_core::DEFAULT_IDLE_DEADLINE;
     let write_options = |len: usize| {
         WriteOptions::new()
             .expected_len(len as u64)
