@@ -152,6 +152,11 @@ impl Fill {
     /// when the backend overruns; anything the backend reports. After an
     /// error the fill has been aborted.
     pub async fn write(&mut self, chunk: Bytes) -> Result<(), CacheError> {
+        // A backend that never waits (memory, a page-cache hit) would let a
+        // fill loop hold its worker thread for the whole body; spending
+        // tokio's cooperative budget yields now and then, so timers,
+        // deadlines and other requests keep running.
+        tokio::task::coop::consume_budget().await;
         let mut writer = self.take_writer(Operation::Write)?;
 
         let len = chunk.len() as u64;
