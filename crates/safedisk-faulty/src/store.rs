@@ -32,8 +32,8 @@ const STORE: &str = "faulty";
 /// put, before it is sent and after the store stored it), `begin`
 /// (creating a multipart upload), `part` and `part@nth=N` (each part
 /// upload, counted per upload), `complete` and `complete@published`,
-/// `abort` (of a multipart upload), `get` (each `get_opts`, so each range
-/// of `get_ranges` too), `remove` (each path given to `delete_stream`, so
+/// `abort` (of a multipart upload), `get` (each `get_opts`, so each `head`
+/// and each range of `get_ranges` too), `remove` (each path given to `delete_stream`, so
 /// `delete` too) and `list` (`list`, `list_with_offset`,
 /// `list_with_delimiter`). Copies and renames pass through untouched.
 ///

@@ -271,3 +271,18 @@ async fn a_short_part_sends_half() {
         .unwrap();
     assert_eq!(stored, "abc");
 }
+
+#[tokio::test(start_paused = true)]
+async fn delays_and_rate_limits_at_the_store_take_their_time() {
+    let inner: std::sync::Arc<dyn ObjectStore> = std::sync::Arc::new(InMemory::new());
+    let store = FaultyStore::new(inner, "put:rate=1KiB/s; list:delay=2s".parse().unwrap());
+
+    let started = tokio::time::Instant::now();
+    store.put(&path("a"), vec![0u8; 3072].into()).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::from_secs(3));
+
+    let started = tokio::time::Instant::now();
+    assert_eq!(store.list(None).count().await, 1);
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    assert_eq!(store.to_string(), "faulty(InMemory)");
+}

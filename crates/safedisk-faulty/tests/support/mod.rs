@@ -1,4 +1,4 @@
-//! Helpers shared by the backend tests: keys, fills, and a backend that
+//! What the backend tests share: keys, fills, and a backend that
 //! shows what a crash leaves behind.
 
 #![allow(dead_code, unreachable_pub)]
