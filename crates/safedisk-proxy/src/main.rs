@@ -1,0 +1,117 @@
+//! `safedisk-proxy`: serve an artifact proxy, or run the drill.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use safedisk_core::WriteOptions;
+use safedisk_proxy::cache_spec::{CacheSpec, S3Settings};
+use safedisk_proxy::ecosystem::Ecosystem;
+use safedisk_proxy::server::{self, ProxyConfig};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "An artifact proxy whose cache never owns a request.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the proxy.
+    Serve(ServeArgs),
+    /// Prove the contract end to end: faults against SafeDisk and a naive tee.
+    Drill(safedisk_proxy::drill::DrillArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// A directory, or s3://BUCKET/PREFIX (credentials from the AWS_* variables).
+    #[arg(long)]
+    cache: CacheSpec,
+    /// NAME=URL, NAME one of npm, pypi, crates, maven, go; repeat per ecosystem.
+    #[arg(long = "upstream", value_parser = parse_upstream, required = true)]
+    upstreams: Vec<(Ecosystem, url::Url)>,
+    /// S3 endpoint for S3-compatible servers (default: AWS_ENDPOINT_URL, else AWS).
+    #[arg(long)]
+    s3_endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION, else us-east-1).
+    #[arg(long)]
+    s3_region: Option<String>,
+    /// Allow plain HTTP to the S3 endpoint.
+    #[arg(long)]
+    s3_allow_http: bool,
+    /// Idle deadline of each cache write, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    idle_deadline_ms: u64,
+}
+
+fn parse_upstream(value: &str) -> Result<(Ecosystem, url::Url), String> {
+    let (name, url) = value
+        .split_once('=')
+        .ok_or_else(|| format!("{value:?} is not NAME=URL"))?;
+    let ecosystem = name.parse::<Ecosystem>().map_err(|e| e.to_string())?;
+    let mut url = url::Url::parse(url).map_err(|e| format!("bad url {url:?}: {e}"))?;
+    if !url.path().ends_with('/') {
+        // Joined paths must land under the base, not replace its last segment.
+        url.set_path(&format!("{}/", url.path()));
+    }
+    Ok((ecosystem, url))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Drill(args) => runtime.block_on(safedisk_proxy::drill::run(args)),
+    }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let idle = Duration::from_millis(args.idle_deadline_ms.max(1));
+    let mut s3 = S3Settings::default();
+    s3.endpoint = args.s3_endpoint;
+    s3.region = args.s3_region;
+    s3.allow_http = args.s3_allow_http;
+    let backend = match args.cache.open(&s3, idle) {
+        Ok(backend) => backend,
+        Err(err) => {
+            eprintln!("safedisk-proxy: cannot open the cache: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut config = ProxyConfig::new()
+        .listen(args.listen)
+        .fill(WriteOptions::new().idle_deadline(idle));
+    for (ecosystem, url) in args.upstreams {
+        config = config.upstream(ecosystem, url);
+    }
+    let proxy = match server::start(config, backend).await {
+        Ok(proxy) => proxy,
+        Err(err) => {
+            eprintln!("safedisk-proxy: cannot listen on {}: {err}", args.listen);
+            return ExitCode::from(2);
+        }
+    };
+    eprintln!("safedisk-proxy: serving on http://{}", proxy.addr());
+
+    let _ = tokio::signal::ctrl_c().await;
+    eprintln!("safedisk-proxy: shutting down");
+    proxy.shutdown(Duration::from_secs(10)).await;
+    ExitCode::SUCCESS
+}
