@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::Write;
+use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,7 +17,9 @@ use safedisk_core::{
 };
 
 use crate::root::{EntryPath, PLACEHOLDER, Root};
-use crate::{NAME, blocking, format, io_error};
+use tokio::task::JoinHandle;
+
+use crate::{NAME, blocking, format, io_error, joined};
 
 /// How often, in bytes written, a fill of unknown length checks the free
 /// space floor: 4 MiB.
@@ -69,10 +71,11 @@ impl Drop for TempFile {
 
 /// The disk backend's writer.
 ///
-/// Small chunks gather in a buffer of [`FsOptions::write_buffer`] bytes;
-/// full buffers and large chunks go to the file on tokio's blocking thread
-/// pool, one `spawn_blocking` per hand-off, so no file I/O runs on an async
-/// worker thread.
+/// Chunks gather (without copying) until [`FsOptions::write_buffer`] bytes
+/// are waiting, then go to the file in one `writev` loop on tokio's
+/// blocking pool. One hand-off runs while the next batch gathers, so the
+/// fill's hashing and the disk overlap; a hand-off's error surfaces at the
+/// next hand-off or at commit. No file I/O runs on an async worker thread.
 ///
 /// [`FsOptions::write_buffer`]: crate::FsOptions::write_buffer
 pub(crate) struct FsWriter {
@@ -81,8 +84,15 @@ pub(crate) struct FsWriter {
     path: EntryPath,
     mode: WriteMode,
     metadata: EntryMetadata,
-    buffer: Vec<u8>,
+    /// Chunks waiting for the next hand-off, and their total length.
+    gathered: Vec<Bytes>,
+    gathered_len: usize,
     buffer_cap: usize,
+    /// The hand-off running on the blocking pool; it gives back its
+    /// emptied list for reuse.
+    in_flight: Option<JoinHandle<Result<Vec<Bytes>, CacheError>>>,
+    /// Header bytes before the data.
+    header_len: u64,
     /// Data bytes handed to the file so far.
     on_disk: u64,
     /// Data bytes after which the next floor check runs.
@@ -95,7 +105,7 @@ impl fmt::Debug for FsWriter {
             .field("key", &self.key)
             .field("temp", &self.temp.as_ref().map(|t| &t.name))
             .field("on_disk", &self.on_disk)
-            .field("buffered", &self.buffer.len())
+            .field("gathered", &self.gathered_len)
             .finish_non_exhaustive()
     }
 }
@@ -120,7 +130,8 @@ impl FsWriter {
             return Err(CacheError::new(ErrorKind::NoSpace, Operation::Begin, NAME)
                 .with_key(&key)
                 .with_detail(format!(
-                    "{wanted} bytes wanted, {free} free, floor {floor}, {reserved} reserved by fills in flight"
+                    "{wanted} bytes wanted, {free} free, floor {floor}, \
+                     {reserved} reserved by fills in flight"
                 )));
         }
 
@@ -155,8 +166,11 @@ impl FsWriter {
             key,
             mode: options.mode,
             metadata: options.metadata.clone(),
-            buffer: Vec::new(),
+            gathered: Vec::new(),
+            gathered_len: 0,
             buffer_cap: root.options.write_buffer,
+            in_flight: None,
+            header_len: header.len() as u64,
             on_disk: 0,
             next_space_check: match options.expected_len {
                 Some(_) => u64::MAX,
@@ -170,38 +184,38 @@ impl FsWriter {
             .with_key(&self.key)
             .with_detail("writer already finished")
     }
-}
 
-#[async_trait]
-impl CacheWriter for FsWriter {
-    async fn write(&mut self, chunk: Bytes) -> Result<(), CacheError> {
+    /// Waits for the running hand-off, if any; returns its emptied list.
+    async fn settle(&mut self, op: Operation) -> Result<Vec<Bytes>, CacheError> {
+        match self.in_flight.take() {
+            Some(handle) => joined(handle.await, op, &self.key),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Starts writing the gathered chunks, after the previous hand-off is
+    /// done (so at most two batches are held at once).
+    async fn hand_off(&mut self) -> Result<(), CacheError> {
+        let spare = self.settle(Operation::Write).await?;
         let Some(temp) = &self.temp else {
             return Err(self.gone(Operation::Write));
         };
-        if self.buffer.len() + chunk.len() <= self.buffer_cap {
-            if self.buffer.capacity() == 0 {
-                self.buffer.reserve_exact(self.buffer_cap);
-            }
-            self.buffer.extend_from_slice(&chunk);
-            return Ok(());
-        }
 
-        // Hand the buffer and the chunk to the file in one blocking call; a
-        // chunk smaller than the buffer starts the next buffer instead.
-        let mut buffer = std::mem::take(&mut self.buffer);
-        let direct = chunk.len() >= self.buffer_cap;
-        let after =
-            self.on_disk + buffer.len() as u64 + if direct { chunk.len() as u64 } else { 0 };
+        let batch = std::mem::replace(&mut self.gathered, spare);
+        let len = std::mem::take(&mut self.gathered_len) as u64;
+        let start = self.header_len + self.on_disk;
+        let after = self.on_disk + len;
         let check_space = after >= self.next_space_check;
         let file = temp.file.clone();
         let root = temp.root.clone();
         let key = self.key.clone();
 
-        let mut buffer = blocking(Operation::Write, &self.key, move || {
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
             let fail = |err| io_error(err, Operation::Write, &key);
-            (&*file).write_all(&buffer).map_err(fail)?;
-            if direct {
-                (&*file).write_all(&chunk).map_err(fail)?;
+            let mut batch = batch;
+            write_all_chunks(&file, &batch).map_err(fail)?;
+            if root.durable() {
+                start_writeback(&file, start, len);
             }
             if check_space {
                 let (free, floor) = root.free_and_floor().map_err(fail)?;
@@ -211,28 +225,42 @@ impl CacheWriter for FsWriter {
                         .with_detail(format!("{free} bytes free, under the floor of {floor}")));
                 }
             }
-            buffer.clear();
-            if !direct {
-                buffer.extend_from_slice(&chunk);
-            }
-            Ok(buffer)
-        })
-        .await?;
+            batch.clear();
+            Ok(batch)
+        }));
 
         self.on_disk = after;
         if check_space {
             self.next_space_check = after + SPACE_CHECK_EVERY;
         }
-        std::mem::swap(&mut self.buffer, &mut buffer);
         Ok(())
+    }
+}
+
+#[async_trait]
+impl CacheWriter for FsWriter {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), CacheError> {
+        if self.temp.is_none() {
+            return Err(self.gone(Operation::Write));
+        }
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        self.gathered_len += chunk.len();
+        self.gathered.push(chunk);
+        if self.gathered_len < self.buffer_cap {
+            return Ok(());
+        }
+        self.hand_off().await
     }
 
     async fn commit(mut self: Box<Self>, summary: FillSummary) -> Result<(), CacheError> {
         let Some(mut temp) = self.temp.take() else {
             return Err(self.gone(Operation::Commit));
         };
+        self.settle(Operation::Commit).await?;
         let header = format::encode(&self.key, &self.metadata, &summary);
-        let buffer = std::mem::take(&mut self.buffer);
+        let batch = std::mem::take(&mut self.gathered);
         let key = self.key.clone();
         let path = self.path.clone();
         let create_only = self.mode == WriteMode::CreateOnly;
@@ -242,7 +270,7 @@ impl CacheWriter for FsWriter {
             let file = &*temp.file;
             let root = &temp.root;
 
-            (&*file).write_all(&buffer).map_err(fail)?;
+            write_all_chunks(file, &batch).map_err(fail)?;
             file.write_all_at(&header, 0).map_err(fail)?;
 
             // A failed sync drops `temp`, which unlinks it: the bytes are
@@ -262,6 +290,11 @@ impl CacheWriter for FsWriter {
     }
 
     async fn abort(mut self: Box<Self>) -> Result<(), CacheError> {
+        // Let a running hand-off finish first, so its descriptor and the
+        // blocks it wrote are released by the time abort returns; its
+        // error no longer matters.
+        let _ = self.settle(Operation::Abort).await;
+
         // Unlinking a large file frees its blocks, which can take a while;
         // that belongs on the blocking pool too.
         if let Some(temp) = self.temp.take() {
@@ -275,8 +308,65 @@ impl CacheWriter for FsWriter {
     }
 
     fn crash(mut self: Box<Self>) {
+        // A killed process has no write in flight. Wait for a hand-off
+        // already running (it shares the descriptor), so the descriptor and
+        // its lock are really gone on return. It needs no runtime thread.
+        if let Some(handle) = self.in_flight.take() {
+            let _ = futures::executor::block_on(handle);
+        }
         if let Some(temp) = self.temp.take() {
             temp.close_keeping_name();
         }
     }
+}
+
+/// Starts writing a range back to the disk without waiting, so the sync at
+/// commit finds most of the file already there and the disk works while
+/// the fill streams. Advisory: a writeback error it causes is reported by
+/// that sync, which fails the commit.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: plain system call on a descriptor owned by `file` for the
+    // duration of the call; no memory is passed.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+/// Most slices passed to one `writev` (Linux's `IOV_MAX`).
+const MAX_SLICES: usize = 1024;
+
+/// Writes every byte of `chunks` at the file's position, looping over
+/// short writes and `EINTR`.
+fn write_all_chunks(file: &File, chunks: &[Bytes]) -> io::Result<()> {
+    let (mut index, mut offset) = (0, 0);
+    while index < chunks.len() {
+        let end = chunks.len().min(index + MAX_SLICES);
+        let mut slices = Vec::with_capacity(end - index);
+        slices.push(IoSlice::new(&chunks[index][offset..]));
+        slices.extend(chunks[index + 1..end].iter().map(|c| IoSlice::new(c)));
+
+        let mut written = match (&*file).write_vectored(&slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while written > 0 {
+            let left = chunks[index].len() - offset;
+            if written >= left {
+                written -= left;
+                index += 1;
+                offset = 0;
+            } else {
+                offset += written;
+                written = 0;
+            }
+        }
+    }
+    Ok(())
 }
