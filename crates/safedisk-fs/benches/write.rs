@@ -14,6 +14,9 @@
 //! - `plain`: the practical limit; one blocking task per object that
 //!   writes a temp file, `fsync`s it, renames it and `fsync`s the
 //!   directory (no syncs when durability is off).
+//! - `plain+sha256`: the same loop, also computing the SHA-256 that `Fill`
+//!   computes for every fill: the practical limit for a cache that checks
+//!   what it stores.
 //! - `cacache`: `SyncWriter` in one blocking task per object (with its size
 //!   hint, which makes it `mmap` the file, for single-chunk objects only:
 //!   cacache 13.1 panics when a hinted object arrives in several writes).
@@ -35,6 +38,7 @@ use object_store::ObjectStoreExt;
 use object_store::local::LocalFileSystem;
 use safedisk_core::{CacheKey, Fill, WriteOptions};
 use safedisk_fs::{Durability, FsBackend, FsOptions, SpaceFloor};
+use sha2::Digest;
 
 const CHUNK: usize = 64 * 1024;
 
@@ -42,6 +46,7 @@ const CHUNK: usize = 64 * 1024;
 enum Contender {
     Safedisk,
     Plain,
+    PlainSha256,
     Cacache,
     ObjectStore,
 }
@@ -51,6 +56,7 @@ impl Contender {
         match self {
             Self::Safedisk => "safedisk",
             Self::Plain => "plain",
+            Self::PlainSha256 => "plain+sha256",
             Self::Cacache => "cacache",
             Self::ObjectStore => "object_store",
         }
@@ -99,6 +105,7 @@ fn main() {
                 &[
                     Contender::Safedisk,
                     Contender::Plain,
+                    Contender::PlainSha256,
                     Contender::Cacache,
                     Contender::ObjectStore,
                 ]
@@ -211,10 +218,11 @@ async fn write_one(
             }
             fill.commit().await.unwrap();
         }
-        Contender::Plain => {
+        Contender::Plain | Contender::PlainSha256 => {
             let dir = setup.root.join("plain");
             let (name, chunks, durable) = (name.to_owned(), chunks.clone(), setup.durable);
-            tokio::task::spawn_blocking(move || plain_write(&dir, &name, &chunks, durable))
+            let hash = contender == Contender::PlainSha256;
+            tokio::task::spawn_blocking(move || plain_write(&dir, &name, &chunks, durable, hash))
                 .await
                 .unwrap();
         }
@@ -246,8 +254,10 @@ async fn write_one(
     }
 }
 
-/// The practical limit: write, fsync, rename, fsync the directory.
-fn plain_write(dir: &Path, name: &str, chunks: &[Bytes], durable: bool) {
+/// The practical limit: write, fsync, rename, fsync the directory; with
+/// `hash`, also the SHA-256 that a verifying cache must compute.
+fn plain_write(dir: &Path, name: &str, chunks: &[Bytes], durable: bool, hash: bool) {
+    let mut hasher = sha2::Sha256::new();
     let temp = dir.join(format!("{name}.tmp"));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -255,8 +265,12 @@ fn plain_write(dir: &Path, name: &str, chunks: &[Bytes], durable: bool) {
         .open(&temp)
         .unwrap();
     for chunk in chunks {
+        if hash {
+            hasher.update(chunk);
+        }
         file.write_all(chunk).unwrap();
     }
+    std::hint::black_box(hasher.finalize());
     if durable {
         file.sync_all().unwrap();
     }
@@ -285,6 +299,7 @@ async fn clean(setup: &Setup, contender: Contender) {
                 rustix::fs::sync();
                 return;
             }
+            Contender::PlainSha256 => "plain",
             other => other.name(),
         };
         let dir = root.join(sub);

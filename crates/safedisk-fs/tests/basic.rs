@@ -362,3 +362,41 @@ async fn summary_is_what_was_stored() {
         }
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floor_stops_a_fill_of_unknown_length_before_the_disk_is_full() {
+    let test = "floor_stops_a_fill_of_unknown_length_before_the_disk_is_full";
+    let Some(fs) = common::Tmpfs::mount("16m", test) else {
+        return;
+    };
+    let floor = 8 << 20;
+    let backend = FsBackend::open(
+        fs.path(),
+        FsOptions::new().space_floor(SpaceFloor::Bytes(floor)),
+    )
+    .unwrap();
+    let before = common::free_bytes(fs.path());
+
+    let mut fill = Fill::begin(&backend, &key("stream"), WriteOptions::new())
+        .await
+        .unwrap();
+    let mut failed = None;
+    for _ in 0..256 {
+        if let Err(err) = fill.write(Bytes::from(vec![1u8; 64 * 1024])).await {
+            failed = Some(err);
+            break;
+        }
+    }
+    let err = match failed {
+        Some(err) => err,
+        None => fill.commit().await.unwrap_err(),
+    };
+    assert_eq!(err.kind(), ErrorKind::NoSpace, "{err}");
+    assert_eq!(
+        err.raw_os_error(),
+        None,
+        "the real limit was reached: {err}"
+    );
+    assert_eq!(temp_files(fs.path()), 0);
+    assert_eq!(common::free_bytes(fs.path()), before);
+}
