@@ -697,7 +697,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.finished || self.upstream.is_none()
+        self.finished || self.upstream.is_none() || self.expected_len == Some(self.received)
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
@@ -715,6 +715,17 @@ where
 {
     fn drop(&mut self) {
         let Some(link) = self.link.take() else { return };
+
+        // An HTTP server stops polling once it has sent Content-Length
+        // bytes and drops the body without asking for its end: a body that
+        // delivered exactly its declared length is complete, not abandoned.
+        // (Bytes past the declared length, had they been polled, would have
+        // ended the fill as `UpstreamLength`.)
+        if self.expected_len == Some(self.received) && self.held.is_none() {
+            let _ = link.chunks.send(Message::End(link.cancel));
+            return;
+        }
+
         let ClientGonePolicy::FinishInBackground {
             deadline,
             max_bytes,

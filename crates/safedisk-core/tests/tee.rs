@@ -280,6 +280,29 @@ async fn a_client_that_leaves_drops_the_upstream_and_aborts_the_fill() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_read_to_its_declared_length_commits_without_reading_the_end() {
+    // HTTP servers stop polling once Content-Length bytes are sent, and
+    // drop the body without asking for its end.
+    let backend = ScriptedBackend::always(Script::default());
+    let chunks = payload(64 * 1024, 4096, 11);
+    let expected = concat(&chunks);
+    let k = key("content-length.tgz");
+
+    let options = WriteOptions::new().expected_len(expected.len() as u64);
+    let fill = Fill::begin(&*backend, &k, options).await.unwrap();
+    let (mut body, handle) = tee(upstream(chunks, Duration::ZERO), fill, TeePolicy::new());
+    let mut received = Vec::new();
+    while received.len() < expected.len() {
+        received.extend_from_slice(&body.next().await.unwrap().unwrap());
+    }
+    assert!(http_body::Body::is_end_stream(&body));
+    drop(body);
+
+    assert!(handle.await.is_committed());
+    assert_eq!(read_entry(&*backend, &k).await.unwrap(), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finish_in_background_commits_after_the_client_leaves() {
     let backend = ScriptedBackend::always(Script::default());
     let chunks = payload(64 * 1024, 1024, 7);
@@ -361,7 +384,14 @@ async fn an_upstream_error_is_passed_on_and_never_committed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_or_overlong_upstream_is_an_error_and_never_committed() {
     let backend = ScriptedBackend::always(Script::default());
-    for (declared, sent) in [(10_000u64, 5_000usize), (1_000, 5_000)] {
+    // 1024 and 2048 are chunk boundaries: the body passes its declared
+    // length exactly there before the rest arrives.
+    for (declared, sent) in [
+        (10_000u64, 5_000usize),
+        (1_000, 5_000),
+        (1_024, 5_000),
+        (2_048, 5_000),
+    ] {
         let chunks = payload(sent, 1024, 10);
         let k = key(&format!("length-{declared}-{sent}.tgz"));
 

@@ -30,6 +30,12 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default timeout for an upstream read to make progress: 30 s.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Default number of idle upstream connections kept per host: 32.
+pub const DEFAULT_POOL_IDLE_PER_HOST: usize = 32;
+
+/// Default time an idle upstream connection is kept: 30 s.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Default time a client has to send its request headers: 10 s.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -58,6 +64,12 @@ pub struct ProxyConfig {
     /// Upstream read timeout: the longest an upstream may send nothing.
     /// Default: [`DEFAULT_READ_TIMEOUT`].
     pub read_timeout: Duration,
+    /// Idle upstream connections kept per host for reuse; 0 closes each
+    /// after its response. Default: [`DEFAULT_POOL_IDLE_PER_HOST`].
+    pub pool_idle_per_host: usize,
+    /// How long an idle upstream connection is kept. Default:
+    /// [`DEFAULT_POOL_IDLE_TIMEOUT`].
+    pub pool_idle_timeout: Duration,
     /// Time a client has to send its headers. Default:
     /// [`DEFAULT_HEADER_TIMEOUT`].
     pub header_timeout: Duration,
@@ -75,6 +87,8 @@ impl Default for ProxyConfig {
             fill: WriteOptions::default(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             read_timeout: DEFAULT_READ_TIMEOUT,
+            pool_idle_per_host: DEFAULT_POOL_IDLE_PER_HOST,
+            pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
         }
@@ -112,6 +126,13 @@ impl ProxyConfig {
     #[must_use]
     pub fn breaker(mut self, breaker: BreakerConfig) -> Self {
         self.breaker = breaker;
+        self
+    }
+
+    /// Sets [`pool_idle_per_host`](Self::pool_idle_per_host).
+    #[must_use]
+    pub fn pool_idle_per_host(mut self, connections: usize) -> Self {
+        self.pool_idle_per_host = connections;
         self
     }
 
@@ -183,8 +204,8 @@ pub async fn start(
     let client = reqwest::Client::builder()
         .connect_timeout(config.connect_timeout)
         .read_timeout(config.read_timeout)
-        .pool_idle_timeout(Duration::from_secs(30))
-        // The proxy passes content encodings through untouched.
+        .pool_idle_timeout(config.pool_idle_timeout)
+        .pool_max_idle_per_host(config.pool_idle_per_host)
         .no_proxy()
         .build()
         .map_err(std::io::Error::other)?;
