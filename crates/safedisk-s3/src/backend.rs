@@ -158,13 +158,31 @@ impl Shared {
     }
 
     /// Removes a corrupt entry; the caller reports the corruption.
-    async fn discard_entry(&self, key: &CacheKey, manifest: Option<&Manifest>) {
+    ///
+    /// With `fill_id`, the data object of that fill is removed, and the
+    /// manifest only if it still names that fill (a newer entry published
+    /// meanwhile stays). Without, the manifest itself is what is corrupt and
+    /// is removed.
+    async fn discard_entry(&self, key: &CacheKey, fill_id: Option<&str>) {
         let digest = key.digest_hex();
-        let mut paths = vec![self.manifest_path(&digest)];
-        if let Some(manifest) = manifest {
-            paths.push(self.data_path(&digest, &manifest.fill_id));
+        let manifest_path = self.manifest_path(&digest);
+        let mut doomed = Vec::new();
+        match fill_id {
+            Some(fill_id) => {
+                let current = self
+                    .read_manifest(&manifest_path, Operation::Get, Some(key))
+                    .await;
+                if let Ok(Some(current)) = current
+                    && current.fill_id == fill_id
+                {
+                    doomed.push(manifest_path);
+                }
+                doomed.push(self.data_path(&digest, fill_id));
+            }
+            None => doomed.push(manifest_path),
         }
-        for path in paths {
+
+        for path in doomed {
             if let Err(err) = self.delete(&path).await {
                 tracing::warn!(key = %key, backend = NAME, path = %path, error = %err,
                     "could not remove a corrupt entry");
@@ -229,17 +247,19 @@ impl CacheBackend for ObjectStoreBackend {
         // once more with a fresh manifest before the entry counts as broken.
         let mut last = None;
         for _ in 0..2 {
-            let Some(manifest) = shared
+            let manifest = match shared
                 .read_manifest(&manifest_path, Operation::Get, Some(key))
                 .await
-                .inspect_err(|err| {
-                    if err.kind() == ErrorKind::IntegrityMismatch {
-                        tracing::warn!(key = %key, backend = NAME, error = %err,
-                            "removing an entry whose manifest is unreadable");
-                    }
-                })?
-            else {
-                return Ok(None);
+            {
+                Ok(Some(manifest)) => manifest,
+                Ok(None) => return Ok(None),
+                Err(err) if err.kind() == ErrorKind::IntegrityMismatch => {
+                    tracing::warn!(key = %key, backend = NAME, error = %err,
+                        "removing an entry whose manifest is unreadable");
+                    shared.discard_entry(key, None).await;
+                    return Err(err);
+                }
+                Err(err) => return Err(err),
             };
             if last.as_ref() == Some(&manifest) {
                 break;
@@ -248,14 +268,19 @@ impl CacheBackend for ObjectStoreBackend {
             let data_path = shared.data_path(&digest, &manifest.fill_id);
             match shared.store.get(&data_path).await {
                 Ok(found) if found.meta.size == manifest.summary.len => {
-                    let body = VerifiedBody::new(found.into_stream(), key.clone(), &manifest);
+                    let body = VerifiedBody::new(
+                        found.into_stream(),
+                        self.shared.clone(),
+                        key.clone(),
+                        &manifest,
+                    );
                     return Ok(Some(Entry {
                         meta: manifest.entry_meta(),
                         body: Box::pin(body),
                     }));
                 }
                 Ok(found) => {
-                    shared.discard_entry(key, Some(&manifest)).await;
+                    shared.discard_entry(key, Some(&manifest.fill_id)).await;
                     return Err(CacheError::new(
                         ErrorKind::IntegrityMismatch,
                         Operation::Get,
@@ -272,7 +297,8 @@ impl CacheBackend for ObjectStoreBackend {
             }
         }
 
-        shared.discard_entry(key, last.as_ref()).await;
+        let fill_id = last.as_ref().map(|m| m.fill_id.as_str());
+        shared.discard_entry(key, fill_id).await;
         Err(
             CacheError::new(ErrorKind::IntegrityMismatch, Operation::Get, NAME)
                 .with_key(key)
@@ -562,12 +588,13 @@ impl ObjectStoreWriter {
         self.wait_for_parts(0, op).await?;
         let upload = self.upload.as_mut().expect("multipart is open");
         let completed = upload.complete().await;
-        // Completed or not, the upload is no longer ours to abort: after a
-        // failed complete S3 may or may not have published the data object,
-        // which only a manifest can make visible.
-        self.upload = None;
+        // After a failed complete the data object may or may not exist, and
+        // the upload may or may not be open: clean-up tries both (the upload
+        // stays for `abort`, the stage says to delete the data object).
+        // Neither is visible either way, since no manifest names them.
         self.stage = Stage::DataWritten;
         completed.map_err(|e| self.error(e, op))?;
+        self.upload = None;
         Ok(())
     }
 
@@ -604,12 +631,17 @@ impl ObjectStoreWriter {
             )
             .await;
         if let Err(err) = put {
-            // Whatever the failure, no manifest names this data object now
-            // (a put either lands whole or not at all, and a lost race is
-            // a refusal), so it is ours to remove.
-            self.stage = Stage::DataWritten;
             let err = self.error(err, op);
-            self.remove_data_quietly().await;
+            // A refusal (a lost create-only race, a 4xx) means no manifest
+            // names this data object, so it is ours to remove. After a
+            // transient failure (a timeout, a reset, a 5xx) the put may have
+            // landed, and removing the data would leave a manifest naming
+            // nothing: the data stays, for `recover` if it is an orphan.
+            if !err.is_transient() {
+                self.stage = Stage::DataWritten;
+                self.remove_data_quietly().await;
+            }
+            self.stage = Stage::Finished;
             return Err(err);
         }
         self.stage = Stage::Finished;
@@ -743,7 +775,9 @@ impl Drop for ObjectStoreWriter {
 /// when they differ from the manifest.
 struct VerifiedBody {
     inner: Option<futures::stream::BoxStream<'static, object_store::Result<Bytes>>>,
+    shared: Arc<Shared>,
     key: CacheKey,
+    fill_id: String,
     expected: FillSummary,
     hasher: Sha256,
     seen: u64,
@@ -752,20 +786,34 @@ struct VerifiedBody {
 impl VerifiedBody {
     fn new(
         inner: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+        shared: Arc<Shared>,
         key: CacheKey,
         manifest: &Manifest,
     ) -> Self {
         Self {
             inner: Some(inner),
+            shared,
             key,
+            fill_id: manifest.fill_id.clone(),
             expected: manifest.summary,
             hasher: Sha256::new(),
             seen: 0,
         }
     }
 
+    /// Ends the stream with an integrity error, and removes the entry in the
+    /// background when a runtime is at hand (a stream is polled inside one
+    /// in practice; without, the entry stays until the next removal).
     fn mismatch(&mut self, detail: String) -> Poll<Option<Result<Bytes, CacheError>>> {
         self.inner = None;
+        tracing::warn!(key = %self.key, backend = NAME, detail = %detail,
+            "removing an entry whose bytes do not match its manifest");
+        if let Ok(runtime) = Handle::try_current() {
+            let shared = self.shared.clone();
+            let key = self.key.clone();
+            let fill_id = self.fill_id.clone();
+            runtime.spawn(async move { shared.discard_entry(&key, Some(&fill_id)).await });
+        }
         Poll::Ready(Some(Err(CacheError::new(
             ErrorKind::IntegrityMismatch,
             Operation::Get,

@@ -43,6 +43,11 @@
 //!   not on the data. A store without conditional puts (an S3 builder with
 //!   `S3ConditionalPut::Disabled`) fails create-only commits with
 //!   [`Unsupported`](safedisk_core::ErrorKind::Unsupported).
+//! - **Failed publish.** When the manifest put is refused (a lost
+//!   create-only race, a 4xx) the fill removes its data object. When it
+//!   fails in a way that leaves open whether it landed (a timeout, a reset, a
+//!   5xx) the data object stays: removing it could leave a manifest naming
+//!   nothing. If the put did not land, `recover` sweeps it later.
 //! - **Overwrite.** Last manifest put wins. The winner then deletes the data
 //!   object the old manifest named. A reader still streaming it may see its
 //!   stream end with an error (never early and silently); one that read the
@@ -63,7 +68,11 @@
 //!
 //! - [`abort`](safedisk_core::CacheWriter::abort) cancels part uploads in
 //!   flight, frees the buffers, and aborts the multipart upload (or deletes a
-//!   completed, unpublished data object), reporting any failure.
+//!   completed, unpublished data object), reporting any failure. An abort
+//!   that [`Fill`](safedisk_core::Fill) cuts off at its idle deadline (the
+//!   store has stopped answering) is not retried in the background: the
+//!   connection is released at once and the upload is left to the
+//!   lifecycle rule.
 //! - **Drop** without commit or abort cancels part uploads and frees buffers
 //!   at once, and hands the abort request to a task on the tokio runtime the
 //!   fill began on. If that runtime has shut down, the task never runs and

@@ -5,7 +5,9 @@
 //!
 //! - [`S3TestServer`]: `s3s-fs` (an S3 implementation storing objects as
 //!   files) served over hyper on `127.0.0.1`, in a background task of the
-//!   current tokio runtime, with one bucket and fixed credentials. Its data
+//!   current tokio runtime, with one bucket and fixed credentials.
+//!   Conditional writes (`If-None-Match`) are serialised, since s3s-fs
+//!   checks the condition and writes in two steps where S3 makes them one. Its data
 //!   directory can be one the test chose, such as a small tmpfs, so a full
 //!   disk gives real `500` answers.
 //! - [`TcpRelay`]: a loopback TCP relay in front of a server that can be told
@@ -98,6 +100,12 @@ impl S3TestServer {
             builder.build()
         };
 
+        // s3s-fs checks `If-None-Match: *` and then writes, so two
+        // conditional writes racing on one key can both succeed. S3 makes
+        // the check and the write one step; serialising conditional writes
+        // gives this server the same guarantee.
+        let conditional = Arc::new(tokio::sync::Mutex::new(()));
+
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let mut tasks = JoinSet::new();
@@ -110,9 +118,21 @@ impl S3TestServer {
                     accepted = listener.accept() => {
                         let Ok((socket, _)) = accepted else { continue };
                         let service = service.clone();
+                        let conditional = conditional.clone();
+                        let serve = hyper::service::service_fn(move |request| {
+                            let service = service.clone();
+                            let conditional = conditional.clone();
+                            async move {
+                                let _turn = match request.headers().contains_key("if-none-match") {
+                                    true => Some(conditional.lock_owned().await),
+                                    false => None,
+                                };
+                                hyper::service::Service::call(&service, request).await
+                            }
+                        });
                         connections.spawn(async move {
                             let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(TokioIo::new(socket), service)
+                                .serve_connection(TokioIo::new(socket), serve)
                                 .await;
                         });
                     }

@@ -374,6 +374,16 @@ async fn get_detects_corruption_and_truncation() {
     std::fs::write(&path, &stored).unwrap();
     let err = read(&backend, &flipped).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::IntegrityMismatch, "{err}");
+    // Found while streaming, the corrupt entry is removed in the background.
+    let mut gone = false;
+    for _ in 0..40 {
+        if backend.get(&flipped).await.unwrap().is_none() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "corrupt entry removed");
 
     let truncated = key("truncated");
     fill(&backend, &truncated, WriteOptions::new(), &bytes)
@@ -398,6 +408,7 @@ async fn get_detects_corruption_and_truncation() {
         .unwrap();
     let err = backend.get(&garbled).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::IntegrityMismatch, "{err}");
+    assert!(backend.get(&garbled).await.unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
