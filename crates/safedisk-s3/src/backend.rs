@@ -1,7 +1,8 @@
 //! [`ObjectStoreBackend`] and its writer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -228,7 +229,7 @@ impl CacheBackend for ObjectStoreBackend {
             data_path,
             fill_id,
             runtime,
-            buffer: Vec::new(),
+            buffer: VecDeque::new(),
             buffered: 0,
             upload: None,
             parts: JoinSet::new(),
@@ -467,7 +468,7 @@ struct ObjectStoreWriter {
     runtime: Handle,
     /// Bytes not yet handed to a part, at most one part's worth between
     /// writes.
-    buffer: Vec<Bytes>,
+    buffer: VecDeque<Bytes>,
     buffered: usize,
     upload: Option<Box<dyn MultipartUpload>>,
     /// Part uploads in flight; dropping the set cancels them.
@@ -494,9 +495,13 @@ impl ObjectStoreWriter {
         from_store(err, op, NAME, Some(&self.key))
     }
 
+    /// The data object's headers: its content type, when it can be a header
+    /// value (visible ASCII). The manifest records it either way.
     fn data_attributes(&self) -> Attributes {
         let mut attributes = Attributes::new();
-        if let Some(content_type) = &self.metadata.content_type {
+        if let Some(content_type) = &self.metadata.content_type
+            && content_type.bytes().all(|b| (0x20..0x7f).contains(&b))
+        {
             attributes.insert(Attribute::ContentType, content_type.clone().into());
         }
         attributes
@@ -508,10 +513,12 @@ impl ObjectStoreWriter {
         let mut part = Vec::new();
         let mut taken = 0;
         while taken < size {
-            let mut chunk = self.buffer.remove(0);
+            let Some(mut chunk) = self.buffer.pop_front() else {
+                break;
+            };
             if chunk.len() > size - taken {
                 let rest = chunk.split_off(size - taken);
-                self.buffer.insert(0, rest);
+                self.buffer.push_front(rest);
             }
             taken += chunk.len();
             part.push(chunk);
@@ -598,19 +605,33 @@ impl ObjectStoreWriter {
         Ok(())
     }
 
-    /// Publishes the manifest; in overwrite mode also removes the data
-    /// object of the entry it replaced.
-    async fn publish(&mut self, summary: FillSummary) -> Result<(), CacheError> {
-        let op = Operation::Commit;
-        let replaced = match self.mode {
-            WriteMode::Overwrite => self
-                .shared
-                .read_manifest(&self.manifest_path, op, Some(&self.key))
-                .await
-                .unwrap_or(None),
-            WriteMode::CreateOnly => None,
-        };
+    /// In overwrite mode, the manifest this commit will replace: it names
+    /// the data object to remove once the new manifest is in place. A
+    /// failure to read it costs only that removal (`recover` sweeps).
+    fn read_replaced(&self) -> impl Future<Output = Option<Manifest>> + Send + 'static {
+        let shared = self.shared.clone();
+        let path = self.manifest_path.clone();
+        let key = self.key.clone();
+        let mode = self.mode;
+        async move {
+            match mode {
+                WriteMode::Overwrite => shared
+                    .read_manifest(&path, Operation::Commit, Some(&key))
+                    .await
+                    .unwrap_or(None),
+                WriteMode::CreateOnly => None,
+            }
+        }
+    }
 
+    /// Publishes the manifest; in overwrite mode then removes the data
+    /// object of the entry it replaced.
+    async fn publish(
+        &mut self,
+        summary: FillSummary,
+        replaced: Option<Manifest>,
+    ) -> Result<(), CacheError> {
+        let op = Operation::Commit;
         let manifest = Manifest {
             summary,
             metadata: self.metadata.clone(),
@@ -669,7 +690,7 @@ impl ObjectStoreWriter {
     /// is up to the caller.
     fn release(&mut self) {
         self.parts.abort_all();
-        self.buffer = Vec::new();
+        self.buffer = VecDeque::new();
         self.buffered = 0;
     }
 }
@@ -681,7 +702,7 @@ impl CacheWriter for ObjectStoreWriter {
             return Ok(());
         }
         self.buffered += chunk.len();
-        self.buffer.push(chunk);
+        self.buffer.push_back(chunk);
 
         let part_size = self.shared.options.part_size;
         let in_flight = self.shared.options.parts_in_flight;
@@ -694,7 +715,12 @@ impl CacheWriter for ObjectStoreWriter {
     }
 
     async fn commit(mut self: Box<Self>, summary: FillSummary) -> Result<(), CacheError> {
-        if let Err(err) = self.finish_data().await {
+        // The manifest being replaced is read while the data finishes, so
+        // overwriting costs no extra round trip.
+        let replaced = self.read_replaced();
+        let (written, replaced) = futures::join!(self.finish_data(), replaced);
+
+        if let Err(err) = written {
             self.release();
             if let Some(mut upload) = self.upload.take()
                 && let Err(abort) = upload.abort().await
@@ -708,7 +734,7 @@ impl CacheWriter for ObjectStoreWriter {
             self.stage = Stage::Finished;
             return Err(err);
         }
-        self.publish(summary).await
+        self.publish(summary, replaced).await
     }
 
     async fn abort(mut self: Box<Self>) -> Result<(), CacheError> {

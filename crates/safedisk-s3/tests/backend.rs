@@ -548,3 +548,35 @@ fn a_fill_and_a_read_never_hold_their_runtime_thread() {
     println!("most cpu time between ticks: {largest:?}");
     assert!(largest < Duration::from_millis(200), "{largest:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_that_cannot_reach_the_store_reports_and_releases() {
+    let (server, backend) = setup().await;
+    let key = key("unreachable");
+    let mut fill = Fill::begin(&backend, &key, WriteOptions::new())
+        .await
+        .unwrap();
+    write_all(&mut fill, &body(6 * MIB, 17)).await.unwrap();
+
+    drop(server);
+    let err = fill.abort().await.unwrap_err();
+
+    assert_eq!(err.kind(), ErrorKind::Backend, "{err}");
+    assert!(err.is_transient());
+    assert_eq!(backend.pending().await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_that_cannot_be_a_header_still_round_trips() {
+    let (_server, backend) = setup().await;
+    let key = key("unicode-type");
+    let metadata = EntryMetadata::new().content_type("text/plain; name=\"ünï\"");
+    let options = WriteOptions::new().metadata(metadata.clone());
+
+    fill(&backend, &key, options, &body(6 * MIB, 18))
+        .await
+        .unwrap();
+
+    let entry = backend.get(&key).await.unwrap().expect("published");
+    assert_eq!(entry.meta.metadata, metadata);
+}
