@@ -11,6 +11,7 @@
 //!
 //! - `safedisk`: [`FsBackend`] through `safedisk_core::Fill` (length and
 //!   SHA-256 checked, deadlines armed), from async code.
+//! - `safedisk, reserve_space off`: the same without `fallocate` at begin.
 //! - `plain`: the practical limit; one blocking task per object that
 //!   writes a temp file, `fsync`s it, renames it and `fsync`s the
 //!   directory (no syncs when durability is off).
@@ -45,6 +46,7 @@ const CHUNK: usize = 64 * 1024;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Contender {
     Safedisk,
+    SafediskNoReserve,
     Plain,
     PlainSha256,
     Cacache,
@@ -55,6 +57,7 @@ impl Contender {
     fn name(self) -> &'static str {
         match self {
             Self::Safedisk => "safedisk",
+            Self::SafediskNoReserve => "safedisk, reserve_space off",
             Self::Plain => "plain",
             Self::PlainSha256 => "plain+sha256",
             Self::Cacache => "cacache",
@@ -67,6 +70,7 @@ struct Setup {
     root: PathBuf,
     durable: bool,
     backend: FsBackend,
+    unreserved: FsBackend,
     store: Arc<LocalFileSystem>,
 }
 
@@ -98,12 +102,15 @@ fn main() {
             let contenders: &[Contender] = if durable {
                 &[
                     Contender::Safedisk,
+                    Contender::SafediskNoReserve,
                     Contender::Plain,
+                    Contender::PlainSha256,
                     Contender::ObjectStore,
                 ]
             } else {
                 &[
                     Contender::Safedisk,
+                    Contender::SafediskNoReserve,
                     Contender::Plain,
                     Contender::PlainSha256,
                     Contender::Cacache,
@@ -127,13 +134,12 @@ fn setup(dir: &Path, durable: bool) -> Setup {
     } else {
         Durability::NoSync
     };
-    let backend = FsBackend::open(
-        root.join("safedisk"),
-        FsOptions::new()
-            .durability(durability)
-            .space_floor(SpaceFloor::Bytes(0)),
-    )
-    .unwrap();
+    let options = FsOptions::new()
+        .durability(durability)
+        .space_floor(SpaceFloor::Bytes(0));
+    let backend = FsBackend::open(root.join("safedisk"), options.clone()).unwrap();
+    let unreserved =
+        FsBackend::open(root.join("unreserved"), options.reserve_space(false)).unwrap();
     for sub in ["plain", "cacache", "object_store"] {
         std::fs::create_dir_all(root.join(sub)).unwrap();
     }
@@ -144,6 +150,7 @@ fn setup(dir: &Path, durable: bool) -> Setup {
         root,
         durable,
         backend,
+        unreserved,
         store: Arc::new(store),
     }
 }
@@ -206,13 +213,18 @@ async fn write_one(
     chunks: &Arc<Vec<Bytes>>,
 ) {
     match contender {
-        Contender::Safedisk => {
+        Contender::Safedisk | Contender::SafediskNoReserve => {
+            let backend = if contender == Contender::Safedisk {
+                &setup.backend
+            } else {
+                &setup.unreserved
+            };
             let key = CacheKey::new("bench", name).unwrap();
             let options = WriteOptions::new()
                 .expected_len(size as u64)
                 .total_deadline(Duration::from_secs(300))
                 .idle_deadline(Duration::from_secs(60));
-            let mut fill = Fill::begin(&setup.backend, &key, options).await.unwrap();
+            let mut fill = Fill::begin(backend, &key, options).await.unwrap();
             for chunk in chunks.iter() {
                 fill.write(chunk.clone()).await.unwrap();
             }
@@ -284,10 +296,14 @@ fn plain_write(dir: &Path, name: &str, chunks: &[Bytes], durable: bool, hash: bo
 /// Deletes what a batch wrote and flushes dirty pages, untimed.
 async fn clean(setup: &Setup, contender: Contender) {
     let root = setup.root.clone();
-    let backend = setup.backend.clone();
+    let backend = if contender == Contender::SafediskNoReserve {
+        setup.unreserved.clone()
+    } else {
+        setup.backend.clone()
+    };
     tokio::task::spawn_blocking(move || {
         let sub = match contender {
-            Contender::Safedisk => {
+            Contender::Safedisk | Contender::SafediskNoReserve => {
                 // Remove the entries but keep the shard directories, as a
                 // cache in use has them.
                 let entries = backend.root().join("entries");

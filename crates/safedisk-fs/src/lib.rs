@@ -15,6 +15,8 @@
 //! ```
 //!
 //! Both directories live on one filesystem, so publishing is a `rename`.
+//! The root path itself is trusted as given (it may be a symlink, followed
+//! once at open); nothing under it is.
 //! Every operation is done relative to directory handles opened once, with
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` (or, where the kernel
 //! lacks it, `openat(O_NOFOLLOW)` one component at a time): a symlink
@@ -27,16 +29,14 @@
 //!    creates `tmp/<pid>-<n>.tmp` with `O_CREAT | O_EXCL | O_NOFOLLOW |
 //!    O_CLOEXEC` and mode 0600, takes an exclusive `flock` on it, writes a
 //!    placeholder header, and when the expected length is known reserves
-//!    the whole file with `fallocate`, so a full disk is a
-//!    [`NoSpace`](ErrorKind::NoSpace) error before the first byte streams.
+//!    the whole file with `fallocate` ([`FsOptions::reserve_space`]), so a
+//!    full disk is a [`NoSpace`](ErrorKind::NoSpace) error before the first
+//!    byte streams.
 //!    On a filesystem without `fallocate` the reservation is kept in
 //!    memory instead, and only fills of this backend value see it.
 //! 2. **Write** gathers chunks, without copying, until
 //!    [`FsOptions::write_buffer`] bytes wait, then writes them with `writev`
-//!    in a loop that resumes after short writes and `EINTR`. With
-//!    durability on, each batch's writeback is started at once
-//!    (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so the disk works while
-//!    the fill streams and the sync at commit has little left to do.
+//!    in a loop that resumes after short writes and `EINTR`.
 //! 3. **Commit** writes the rest and the final header (length, SHA-256 and
 //!    metadata), `fdatasync`s the file, renames it into place (create-only
 //!    mode uses `RENAME_NOREPLACE`, or `link` where that is missing, so the
@@ -58,14 +58,15 @@
 //! and disk overlap; at most two batches are held per fill, and an error
 //! of a batch surfaces at the next write or at commit.
 //!
-//! This was chosen by measurement (the `write` bench, 64 MiB objects):
-//! awaiting each batch before returning, so that SHA-256 and the disk take
-//! turns, reached 0.29 of a plain write loop's throughput without syncs
-//! and 0.53 with them; overlapping them reached 0.44 and 0.60, in the same
-//! run. A dedicated thread per fill fed by a channel would overlap the same
-//! way, plus a thread start per fill; `spawn_blocking` gets the overlap
-//! from pooled threads, and with batching a small entry needs only the
-//! begin and commit hand-offs.
+//! This was chosen by measurement (the `write` bench, 64 MiB objects, no
+//! syncs): awaiting each batch before returning, so that SHA-256 and the
+//! disk take turns, reached 0.29 of a plain write loop's throughput;
+//! overlapping them reached 0.44, in the same run. A dedicated thread per
+//! fill fed by a channel would overlap the same way, plus a thread start
+//! per fill; `spawn_blocking` gets the overlap from pooled threads, and
+//! with batching a small entry needs only the begin and commit hand-offs.
+//! Starting writeback early with `sync_file_range` was tried and dropped:
+//! on synced 64 MiB writes it measured 0.72 of the throughput without it.
 //!
 //! The exception is dropping a writer, which unlinks its temp file on the
 //! dropping thread because drop cannot wait. [`FsBackend::open`] is

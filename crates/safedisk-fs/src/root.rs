@@ -237,7 +237,12 @@ impl Root {
                 // refuses an existing name the same way.
                 Err(Errno::INVAL | Errno::NOSYS) => {
                     rustix::fs::linkat(&self.tmp, name, &dir, target, AtFlags::empty())?;
-                    self.unlink_temp(name)?;
+                    // Published now. A temp name left behind is only a
+                    // second link to the entry; a sweep removes that name.
+                    if let Err(err) = self.unlink_temp(name) {
+                        tracing::warn!(backend = crate::NAME, temp = name, error = %err,
+                            "temp name of a published entry not removed");
+                    }
                 }
                 Err(e) => return Err(e.into()),
             }

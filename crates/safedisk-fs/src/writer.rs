@@ -91,8 +91,6 @@ pub(crate) struct FsWriter {
     /// The hand-off running on the blocking pool; it gives back its
     /// emptied list for reuse.
     in_flight: Option<JoinHandle<Result<Vec<Bytes>, CacheError>>>,
-    /// Header bytes before the data.
-    header_len: u64,
     /// Data bytes handed to the file so far.
     on_disk: u64,
     /// Data bytes after which the next floor check runs.
@@ -148,7 +146,7 @@ impl FsWriter {
         // Reserve the blocks now so a full disk is reported before the
         // first byte streams. Filesystems without fallocate get a
         // bookkeeping reservation instead, checked by later begins.
-        if let Some(total) = needed {
+        if let Some(total) = needed.filter(|_| root.options.reserve_space) {
             match rustix::fs::fallocate(&*temp.file, FallocateFlags::KEEP_SIZE, 0, total) {
                 Ok(()) => {}
                 Err(Errno::OPNOTSUPP | Errno::NOSYS) => {
@@ -170,7 +168,6 @@ impl FsWriter {
             gathered_len: 0,
             buffer_cap: root.options.write_buffer,
             in_flight: None,
-            header_len: header.len() as u64,
             on_disk: 0,
             next_space_check: match options.expected_len {
                 Some(_) => u64::MAX,
@@ -202,9 +199,7 @@ impl FsWriter {
         };
 
         let batch = std::mem::replace(&mut self.gathered, spare);
-        let len = std::mem::take(&mut self.gathered_len) as u64;
-        let start = self.header_len + self.on_disk;
-        let after = self.on_disk + len;
+        let after = self.on_disk + std::mem::take(&mut self.gathered_len) as u64;
         let check_space = after >= self.next_space_check;
         let file = temp.file.clone();
         let root = temp.root.clone();
@@ -214,9 +209,6 @@ impl FsWriter {
             let fail = |err| io_error(err, Operation::Write, &key);
             let mut batch = batch;
             write_all_chunks(&file, &batch).map_err(fail)?;
-            if root.durable() {
-                start_writeback(&file, start, len);
-            }
             if check_space {
                 let (free, floor) = root.free_and_floor().map_err(fail)?;
                 if free < floor {
@@ -317,23 +309,6 @@ impl CacheWriter for FsWriter {
         if let Some(temp) = self.temp.take() {
             temp.close_keeping_name();
         }
-    }
-}
-
-/// Starts writing a range back to the disk without waiting, so the sync at
-/// commit finds most of the file already there and the disk works while
-/// the fill streams. Advisory: a writeback error it causes is reported by
-/// that sync, which fails the commit.
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-
-    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-        return;
-    };
-    // SAFETY: plain system call on a descriptor owned by `file` for the
-    // duration of the call; no memory is passed.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 

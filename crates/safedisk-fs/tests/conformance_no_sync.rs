@@ -1,5 +1,5 @@
-//! The testkit's conformance suite against the disk backend, with
-//! durability on and off. Each check gets a fresh root; its reopen opens a
+//! The testkit's conformance suite against the disk backend with
+//! durability off. Each check gets a fresh root; its reopen opens a
 //! second instance on the same root, as a restarted process would.
 
 use std::path::PathBuf;
@@ -29,10 +29,4 @@ fn subject(durability: Durability) -> Subject {
         .keep_alive(dir)
 }
 
-mod durable {
-    safedisk_testkit::conformance_tests!(|| async { super::subject(super::Durability::Durable) });
-}
-
-mod no_sync {
-    safedisk_testkit::conformance_tests!(|| async { super::subject(super::Durability::NoSync) });
-}
+safedisk_testkit::conformance_tests!(|| async { subject(Durability::NoSync) });
