@@ -117,6 +117,9 @@ impl S3TestServer {
                 tokio::select! {
                     accepted = listener.accept() => {
                         let Ok((socket, _)) = accepted else { continue };
+                        // Without it a response's head and body, written
+                        // apart, wait out the client's delayed ACK (40 ms).
+                        let _ = socket.set_nodelay(true);
                         let service = service.clone();
                         let conditional = conditional.clone();
                         let serve = hyper::service::service_fn(move |request| {
@@ -322,6 +325,8 @@ async fn relay(client: TcpStream, target: SocketAddr, stopped: Arc<AtomicBool>) 
     let Ok(server) = TcpStream::connect(target).await else {
         return;
     };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
 
