@@ -89,11 +89,11 @@ pub struct FsOptions {
     /// Reserve a fill's whole expected length with `fallocate` at begin,
     /// so a disk that cannot hold it fails the fill before the first byte
     /// streams, even when other processes fill the disk meanwhile. The
-    /// reserved blocks are written as "unwritten" extents, and converting
-    /// them costs throughput on large synced writes (about 15% on 64 MiB
-    /// entries in the `write` bench on ext4); without it the free-space
-    /// check at begin still refuses fills that do not fit at that moment.
-    /// Default: on.
+    /// reserved blocks start as unwritten extents that are converted as the
+    /// data lands, which can cost throughput on synced writes; the `write`
+    /// bench measures it (`safedisk, reserve_space off`). Without it, the
+    /// free-space check at begin still refuses fills that do not fit at
+    /// that moment. Default: on.
     pub reserve_space: bool,
     /// Bytes a writer gathers in memory before handing them to the disk in
     /// one blocking call; 0 writes every chunk as it comes. Larger buffers

@@ -15,15 +15,18 @@ use safedisk_core::{
     CacheError, CacheKey, CacheWriter, EntryMetadata, ErrorKind, FillSummary, Operation, WriteMode,
     WriteOptions,
 };
-
-use crate::root::{EntryPath, PLACEHOLDER, Root};
 use tokio::task::JoinHandle;
 
+use crate::root::{EntryPath, PLACEHOLDER, Root};
 use crate::{NAME, blocking, format, io_error, joined};
 
 /// How often, in bytes written, a fill of unknown length checks the free
 /// space floor: 4 MiB.
 const SPACE_CHECK_EVERY: u64 = 4 * 1024 * 1024;
+
+/// With durability on, each full window of this many bytes is handed to
+/// the disk's writeback as soon as it is written: 8 MiB.
+const WRITE_BEHIND: u64 = 8 * 1024 * 1024;
 
 /// A temp file under `tmp/`, unlinked when dropped unless disarmed.
 ///
@@ -91,6 +94,8 @@ pub(crate) struct FsWriter {
     /// The hand-off running on the blocking pool; it gives back its
     /// emptied list for reuse.
     in_flight: Option<JoinHandle<Result<Vec<Bytes>, CacheError>>>,
+    /// Header bytes before the data.
+    header_len: u64,
     /// Data bytes handed to the file so far.
     on_disk: u64,
     /// Data bytes after which the next floor check runs.
@@ -168,6 +173,7 @@ impl FsWriter {
             gathered_len: 0,
             buffer_cap: root.options.write_buffer,
             in_flight: None,
+            header_len: header.len() as u64,
             on_disk: 0,
             next_space_check: match options.expected_len {
                 Some(_) => u64::MAX,
@@ -199,8 +205,11 @@ impl FsWriter {
         };
 
         let batch = std::mem::replace(&mut self.gathered, spare);
-        let after = self.on_disk + std::mem::take(&mut self.gathered_len) as u64;
+        let before = self.on_disk;
+        let after = before + std::mem::take(&mut self.gathered_len) as u64;
         let check_space = after >= self.next_space_check;
+        let write_behind = (temp.root.durable() && before / WRITE_BEHIND != after / WRITE_BEHIND)
+            .then(|| self.header_len + (after / WRITE_BEHIND - 1) * WRITE_BEHIND);
         let file = temp.file.clone();
         let root = temp.root.clone();
         let key = self.key.clone();
@@ -209,6 +218,9 @@ impl FsWriter {
             let fail = |err| io_error(err, Operation::Write, &key);
             let mut batch = batch;
             write_all_chunks(&file, &batch).map_err(fail)?;
+            if let Some(start) = write_behind {
+                start_writeback(&file, start, WRITE_BEHIND);
+            }
             if check_space {
                 let (free, floor) = root.free_and_floor().map_err(fail)?;
                 if free < floor {
@@ -309,6 +321,23 @@ impl CacheWriter for FsWriter {
         if let Some(temp) = self.temp.take() {
             temp.close_keeping_name();
         }
+    }
+}
+
+/// Starts writing a range back to the disk without waiting for it, so the
+/// disk works while the fill streams and the sync at commit has less left.
+/// Advisory: an error of that writeback is reported by the sync at commit,
+/// which then fails.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: a system call on a descriptor that `file` keeps open for the
+    // whole call; no memory is passed.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 
