@@ -23,15 +23,18 @@
 //! closed, and the connections, fds, tasks and temp files still held after
 //! a grace period ([`report`]).
 //!
-//! A check passes when the bytes are right, nothing is held, no partial
-//! entry is readable, and unblock p99 is under half the naive server's
-//! write timeout. The exit status is non-zero when any SafeDisk check
+//! A check passes when the bytes are right, the connections are closed and
+//! nothing else is held, no partial entry is readable, and both unblock p99
+//! and the time the connections outlive the clients are under half the
+//! naive server's write timeout. The exit status is non-zero when any SafeDisk check
 //! fails; the naive tee's checks are figures, expected to fail.
 
 pub mod naive;
 pub mod report;
 pub mod scenario;
+pub mod sockets;
 pub mod upstream;
+pub mod witness;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -192,14 +195,41 @@ pub async fn execute(args: &DrillArgs) -> Result<Report, String> {
         s3,
         tmpfs_refused,
         write_timeout,
-        grace: FILL_IDLE_DEADLINE + Duration::from_secs(2),
+        // Long enough for a stalled fill to meet its idle deadline and for
+        // a busy S3 server to answer the aborts; it ends early when
+        // everything is released.
+        grace: FILL_IDLE_DEADLINE + Duration::from_secs(4),
     };
 
-    let total = faults.len() * concurrency.len() * 2;
+    let total: usize = faults
+        .iter()
+        .map(|f| {
+            dedup(
+                &concurrency
+                    .iter()
+                    .map(|&c| f.clients(c))
+                    .collect::<Vec<_>>(),
+            )
+            .len()
+                * 2
+        })
+        .sum();
     let mut outcomes = Vec::with_capacity(total);
     let mut id = 0;
     for &fault in &faults {
-        for &clients in &concurrency {
+        let mut ran = Vec::new();
+        for &asked in &concurrency {
+            let clients = fault.clients(asked);
+            if clients != asked {
+                eprintln!(
+                    "drill: {fault} runs {clients} clients per ecosystem, not {asked} \
+                     (object store faults are capped)"
+                );
+            }
+            if ran.contains(&clients) {
+                continue;
+            }
+            ran.push(clients);
             for side in [Side::SafeDisk, Side::Naive] {
                 id += 1;
                 let scenario = Scenario {

@@ -2,7 +2,7 @@
 //! a fault, a concurrency and a set of ecosystems, through SafeDisk's proxy
 //! or through the naive tee, with real clients over loopback TCP.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path as FsPath, PathBuf};
 use std::str::FromStr;
@@ -22,7 +22,9 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
 use super::naive::NaiveServer;
+use super::sockets;
 use super::upstream::{Delivery, Size, Upstream, artifact_path};
+use super::witness::Witness;
 use crate::ecosystem::Ecosystem;
 use crate::server::{self, ProxyConfig};
 
@@ -34,6 +36,11 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(25);
 /// file released, within the grace period.
 pub const FILL_IDLE_DEADLINE: Duration = Duration::from_secs(1);
 
+/// Most clients per ecosystem for the object store faults: each fill of
+/// theirs moves a 5 MiB part through the in-process S3 server, and more
+/// than 16 per ecosystem at once would measure the machine, not the tee.
+pub const S3_MAX_CLIENTS: usize = 16;
+
 /// Size of the tmpfs for the real disk-full fault: smaller than the
 /// artifacts of one scenario's concurrent fills together.
 const TMPFS_SIZE: &str = "768k";
@@ -41,13 +48,13 @@ const TMPFS_SIZE: &str = "768k";
 /// One fault of the matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Fault {
-    /// No space left after 64 KiB of each fill (injected ENOSPC).
+    /// No space left after 192 KiB of each 256 KiB fill (injected ENOSPC).
     Enospc,
-    /// Quota exceeded after 64 KiB of each fill (injected EDQUOT).
+    /// Quota exceeded after 192 KiB of each fill (injected EDQUOT).
     Edquot,
-    /// A short write at 64 KiB.
+    /// A short write at 192 KiB.
     ShortWrite,
-    /// EIO on the second write.
+    /// EIO after 192 KiB.
     Eio,
     /// EIO at commit before publish, where the disk backend fsyncs: a
     /// failed fsync.
@@ -131,10 +138,10 @@ impl Fault {
 
     fn plan_text(self) -> Option<&'static str> {
         Some(match self {
-            Self::Enospc => "seed=1; write@after=64KiB:enospc",
-            Self::Edquot => "seed=1; write@after=64KiB:edquot",
-            Self::ShortWrite => "seed=1; write@after=64KiB:short",
-            Self::Eio => "seed=1; write@nth=2:eio",
+            Self::Enospc => "seed=1; write@after=192KiB:enospc",
+            Self::Edquot => "seed=1; write@after=192KiB:edquot",
+            Self::ShortWrite => "seed=1; write@after=192KiB:short",
+            Self::Eio => "seed=1; write@after=192KiB:eio",
             Self::Fsync => "seed=1; commit:eio",
             Self::Commit => "seed=1; commit@published:error=backend",
             Self::Stall => "seed=1; write@nth=2:stall",
@@ -148,6 +155,16 @@ impl Fault {
     fn plan(self) -> Option<FaultPlan> {
         self.plan_text()
             .map(|text| text.parse().expect("the drill's plans parse"))
+    }
+
+    /// The clients per ecosystem a scenario asked for `asked` runs with:
+    /// at most [`S3_MAX_CLIENTS`] for the object store faults.
+    pub fn clients(self, asked: usize) -> usize {
+        if self.needs_s3() {
+            asked.min(S3_MAX_CLIENTS)
+        } else {
+            asked
+        }
     }
 
     fn store(self) -> Store {
@@ -291,7 +308,8 @@ pub struct Row {
     pub unblock_ms: Vec<f64>,
     /// Clients whose request ended in an error.
     pub client_errors: usize,
-    /// Faults injected for this ecosystem's keys.
+    /// Faults injected for this ecosystem's keys (on the tmpfs: fills
+    /// that met a real error).
     pub faults_injected: usize,
     /// Entries readable afterwards whose bytes are not the artifact's.
     pub partial_entries: usize,
@@ -313,6 +331,10 @@ pub struct Outcome {
     pub upstream_closed: bool,
     /// What was still held.
     pub held: Held,
+    /// Time from the last client being done to every connection (proxy
+    /// and upstream ports) being closed; the grace period when they were
+    /// not.
+    pub release: Duration,
     /// Connections held (proxy and upstream ports), every
     /// [`SAMPLE_INTERVAL`] from the start of the clients.
     pub timeline: Vec<u32>,
@@ -364,6 +386,7 @@ impl Drop for Tmpfs {
 /// Where the injected faults were recorded.
 enum Records {
     None,
+    Witness(Arc<Witness>),
     Backend(Faulty<dyn CacheBackend>),
     Store(FaultyStore<dyn ObjectStore>),
 }
@@ -371,7 +394,7 @@ enum Records {
 impl Records {
     fn all(&self) -> Vec<FaultRecord> {
         match self {
-            Self::None => Vec::new(),
+            Self::None | Self::Witness(_) => Vec::new(),
             Self::Backend(faulty) => faulty.records(),
             Self::Store(store) => store.records(),
         }
@@ -431,12 +454,16 @@ fn build_cache(rig: &Rig, scenario: &Scenario) -> Result<Cache, String> {
     let disk = FsBackend::open(dir.path(), FsOptions::new()).map_err(|e| e.to_string())?;
     let disk: Arc<dyn CacheBackend> = Arc::new(disk);
     let wrapped_at = Instant::now();
-    let (backend, records): (Arc<dyn CacheBackend>, _) = match fault.plan() {
-        Some(plan) => {
+    let (backend, records): (Arc<dyn CacheBackend>, _) = match (fault.plan(), &tmpfs) {
+        (Some(plan), _) => {
             let faulty = Faulty::from_arc(disk, plan);
             (Arc::new(faulty.clone()), Records::Backend(faulty))
         }
-        None => (disk, Records::None),
+        (None, Some(_)) => {
+            let witness = Arc::new(Witness::new(disk));
+            (witness.clone(), Records::Witness(witness))
+        }
+        (None, None) => (disk, Records::None),
     };
     Ok(Cache {
         backend,
@@ -498,19 +525,6 @@ async fn start_front(rig: &Rig, scenario: &Scenario, cache: &Cache) -> Result<Fr
     }
 }
 
-/// Distinct TCP connections with `port` at one end. Both ends of a
-/// loopback connection live in this process; each connection counts once.
-pub fn connections(port: u16) -> usize {
-    let mut seen = HashSet::new();
-    for line in probe::established(port) {
-        if let Some((a, b)) = line.split_once(" -> ") {
-            let pair = if a <= b { (a, b) } else { (b, a) };
-            seen.insert((pair.0.to_owned(), pair.1.to_owned()));
-        }
-    }
-    seen.len()
-}
-
 /// Counts taken at one moment.
 #[derive(Debug, Clone, Copy)]
 struct Counts {
@@ -528,11 +542,13 @@ async fn counts(rig: &Rig, cache: &Cache, proxy_port: u16) -> Counts {
         .await
         .map_or(usize::MAX, |n| n as usize);
     if let (Records::Store(_), Some(s3)) = (&cache.records, &rig.s3) {
-        temp = temp.saturating_add(s3.open_uploads().map_or(usize::MAX, |u| u.len()));
+        let uploads = s3.open_uploads().map_or(usize::MAX, |u| u.len());
+        temp = temp.saturating_add(uploads);
     }
+    let held = sockets::connections(&[proxy_port, rig.upstream.port()]);
     Counts {
-        proxy: connections(proxy_port),
-        upstream: connections(rig.upstream.port()),
+        proxy: held[0],
+        upstream: held[1],
         fds: probe::open_fds().len(),
         tasks: probe::alive_tasks(),
         temp,
@@ -565,7 +581,7 @@ impl Sampler {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !flag.load(Ordering::Relaxed) {
                 tick.tick().await;
-                let held: usize = ports.iter().map(|&p| connections(p)).sum();
+                let held: usize = sockets::connections(&ports).iter().sum();
                 samples.push(u32::try_from(held).unwrap_or(u32::MAX));
             }
             samples
@@ -657,6 +673,7 @@ pub async fn run(rig: &Rig, scenario: Scenario) -> Outcome {
         rows: Vec::new(),
         upstream_closed: true,
         held: Held::default(),
+        release: Duration::ZERO,
         timeline: Vec::new(),
         elapsed: Duration::ZERO,
     };
@@ -723,13 +740,27 @@ pub async fn run(rig: &Rig, scenario: Scenario) -> Outcome {
 
     // Wait for the process to let go of everything, up to the grace
     // period.
+    let last_done = ends
+        .iter()
+        .map(|e| e.finished)
+        .max()
+        .unwrap_or_else(Instant::now);
     let deadline = Instant::now() + rig.grace;
     let mut now = counts(rig, &cache, port).await;
-    while !held(now, base).is_clear() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut released = None;
+    loop {
+        let still = held(now, base);
+        if still.connections == 0 && released.is_none() {
+            released = Some(Instant::now());
+        }
+        if still.is_clear() || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
         now = counts(rig, &cache, port).await;
     }
     outcome.held = held(now, base);
+    outcome.release = released.map_or(rig.grace, |at| at.saturating_duration_since(last_done));
     outcome.upstream_closed = now.upstream <= base.upstream;
     outcome.timeline = sampler.finish().await;
 
@@ -772,10 +803,14 @@ pub async fn run(rig: &Rig, scenario: Scenario) -> Outcome {
                     (cut, end.finished)
                 }
                 _ => {
-                    let at = fired
-                        .first()
-                        .map_or(end.started, |r| cache.wrapped_at + r.elapsed);
-                    (at, end.finished)
+                    let seen = match &cache.records {
+                        Records::Witness(witness) => witness.first_error(&key),
+                        _ => fired.first().map(|r| cache.wrapped_at + r.elapsed),
+                    };
+                    if seen.is_some() && fired.is_empty() {
+                        row.faults_injected += 1;
+                    }
+                    (seen.unwrap_or(end.started), end.finished)
                 }
             };
             let unblock = finished.saturating_duration_since(fault_at);
