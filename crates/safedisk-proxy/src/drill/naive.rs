@@ -36,7 +36,6 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use safedisk_core::{CacheBackend, CacheKey, CacheWriter, FillSummary, WriteOptions};
 use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -91,7 +90,7 @@ impl NaiveServer {
             .route("/{ecosystem}/{*path}", get(handle))
             .with_state(state);
 
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = super::upstream::loopback_listener()?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(async move {

@@ -36,6 +36,13 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(25);
 /// file released, within the grace period.
 pub const FILL_IDLE_DEADLINE: Duration = Duration::from_secs(1);
 
+/// Clients that connect at once; the next wave starts
+/// [`CONNECT_WAVE_GAP`] later.
+const CONNECT_WAVE: u32 = 16;
+
+/// Time between waves of connecting clients.
+const CONNECT_WAVE_GAP: Duration = Duration::from_millis(4);
+
 /// Most clients per ecosystem for the object store faults: each fill of
 /// theirs moves a 5 MiB part through the in-process S3 server, and more
 /// than 16 per ecosystem at once would measure the machine, not the tee.
@@ -714,20 +721,30 @@ pub async fn run(rig: &Rig, scenario: Scenario) -> Outcome {
         .expect("a plain http client builds");
     let fault = scenario.fault;
     let mut tasks = Vec::new();
+    let mut launched = 0u32;
     for &ecosystem in &scenario.ecosystems {
         let artifact = rig.upstream.artifact(ecosystem, fault.size());
         let expected = (artifact.bytes.len(), artifact.sha256);
         for n in 0..scenario.concurrency {
             let path = artifact_path(ecosystem, &format!("d{}n{n}", scenario.id));
             let url = format!("http://127.0.0.1:{port}/{}/{path}", ecosystem.as_str());
-            tasks.push(tokio::spawn(download(
+            // Waves of clients a few milliseconds apart: a burst of
+            // hundreds of connects overflows the proxy's accept queue, and
+            // the SYNs the kernel drops are retried only a second later.
+            let wave = CONNECT_WAVE_GAP * (launched / CONNECT_WAVE);
+            launched += 1;
+            let download = download(
                 client.clone(),
                 url,
                 ecosystem,
                 path,
                 expected,
                 fault.abort_after(),
-            )));
+            );
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(wave).await;
+                download.await
+            }));
         }
     }
     drop(client);

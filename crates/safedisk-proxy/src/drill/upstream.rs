@@ -82,7 +82,8 @@ pub enum Delivery {
     /// Small chunks with a pause before each, so a client that leaves
     /// half-way leaves while the upstream is still sending.
     Paced,
-    /// Declares the full length, sends half, then closes the connection.
+    /// Declares the full length, sends half (paced), then closes the
+    /// connection.
     Truncated,
 }
 
@@ -163,7 +164,7 @@ impl Upstream {
         let router = Router::new()
             .route("/{delivery}/{size}/{ecosystem}/{*path}", get(serve))
             .with_state(shared.clone());
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = loopback_listener()?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
@@ -206,6 +207,15 @@ impl Drop for Upstream {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A listener on `127.0.0.1:0` with a deep accept queue: the default of
+/// 128 overflows when hundreds of clients connect at once, and the kernel
+/// then drops SYNs that are retried only a second later.
+pub fn loopback_listener() -> std::io::Result<TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    socket.listen(4096)
 }
 
 /// The artifact path of package `name` at version 1.0.0, as each
@@ -314,7 +324,9 @@ impl Stream for SyntheticBody {
             return Poll::Ready(None);
         }
 
-        let chunk = if self.delivery == Delivery::Paced {
+        // A truncated body is paced too, so what precedes the cut has left
+        // the server's buffers when the connection closes.
+        let chunk = if self.delivery != Delivery::Whole {
             let pause = self
                 .pause
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep(PACE)));
