@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::{StreamExt, TryStreamExt};
 use safedisk_core::{
-    BreakerConfig, Cache, CacheBackend, CacheKey, EntryMetadata, TeePolicy, WriteOptions,
+    BreakerConfig, Cache, CacheBackend, CacheKey, EntryMetadata, LagPolicy, TeePolicy, WriteOptions,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -36,6 +36,18 @@ pub const DEFAULT_POOL_IDLE_PER_HOST: usize = 32;
 /// Default time an idle upstream connection is kept: 30 s.
 pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Default lag policy of the proxy's tee: hold the client for at most 1 s
+/// in total while the cache catches up, then abandon the fill.
+///
+/// Core's own default abandons at once; a proxy holds a little because a
+/// client on loopback or a fast LAN outruns most disks, and abandoning every
+/// such fill would leave large artifacts uncached for good. A failing cache
+/// still detaches at once; only a slow or stalled one costs the client up to
+/// this much.
+pub const DEFAULT_LAG_POLICY: LagPolicy = LagPolicy::Hold {
+    max_total: Duration::from_secs(1),
+};
+
 /// Default time a client has to send its request headers: 10 s.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -51,7 +63,7 @@ pub struct ProxyConfig {
     /// The upstream base URL of each served ecosystem. Default: none.
     pub upstreams: BTreeMap<Ecosystem, Url>,
     /// How the tee couples clients and the cache. Default:
-    /// [`TeePolicy::default`].
+    /// [`TeePolicy::default`] with [`DEFAULT_LAG_POLICY`].
     pub policy: TeePolicy,
     /// When the cache is bypassed after failures. Default:
     /// [`BreakerConfig::default`].
@@ -82,7 +94,7 @@ impl Default for ProxyConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             upstreams: BTreeMap::new(),
-            policy: TeePolicy::default(),
+            policy: TeePolicy::default().on_lag(DEFAULT_LAG_POLICY),
             breaker: BreakerConfig::default(),
             fill: WriteOptions::default(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
