@@ -170,9 +170,8 @@ pub async fn execute(args: &DrillArgs) -> Result<Report, String> {
 
     // What the scenarios share: the upstream, the S3 server, and whether
     // tmpfs mounts work here.
-    let upstream = upstream::Upstream::start()
-        .await
-        .map_err(|e| format!("cannot start the upstream: {e}"))?;
+    let upstream =
+        upstream::Upstream::start().map_err(|e| format!("cannot start the upstream: {e}"))?;
     let s3 = if faults.iter().any(|f| f.needs_s3()) {
         let server = safedisk_s3::testing::S3TestServer::start()
             .await

@@ -71,7 +71,11 @@ impl NaiveServer {
     /// # Errors
     ///
     /// When the port cannot be bound or the HTTP client cannot be built.
-    pub async fn start(
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn start(
         backend: Arc<dyn CacheBackend>,
         upstreams: BTreeMap<Ecosystem, Url>,
         write_timeout: Duration,

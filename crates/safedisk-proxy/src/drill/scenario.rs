@@ -526,7 +526,6 @@ async fn start_front(rig: &Rig, scenario: &Scenario, cache: &Cache) -> Result<Fr
                 .map_err(|e| format!("proxy: {e}"))
         }
         Side::Naive => NaiveServer::start(cache.backend.clone(), upstreams, rig.write_timeout)
-            .await
             .map(Front::Naive)
             .map_err(|e| format!("naive server: {e}")),
     }

@@ -147,7 +147,11 @@ impl Upstream {
     /// # Errors
     ///
     /// When the port cannot be bound.
-    pub async fn start() -> std::io::Result<Self> {
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn start() -> std::io::Result<Self> {
         let mut artifacts = HashMap::new();
         for (n, ecosystem) in Ecosystem::ALL.into_iter().enumerate() {
             for size in [Size::Small, Size::Large] {
