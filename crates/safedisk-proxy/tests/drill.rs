@@ -51,6 +51,10 @@ async fn safedisk_passes_and_the_naive_tee_is_caught() {
             })
             .expect("the same scenario through safedisk");
         assert!(safedisk.unblock_ms_p99 < check.unblock_ms_p99 / 4.0);
+        assert!(
+            safedisk.connection_seconds < check.connection_seconds,
+            "safedisk held connections longer: {safedisk:?} against {check:?}"
+        );
     }
 
     // The report carries what `--json` and `--svg` need.

@@ -59,6 +59,10 @@ pub struct Check {
     /// proxy and the upstream being closed, in ms (shared by the
     /// ecosystems of one scenario).
     pub release_ms: f64,
+    /// Connections held (proxy and upstream ports) integrated over the
+    /// scenario, in connection-seconds: the area under its timeline
+    /// (shared by the ecosystems of one scenario).
+    pub connection_seconds: f64,
     /// What was still held after the grace period (shared by the
     /// ecosystems of one scenario, which run in one process at once).
     pub held_after: HeldAfter,
@@ -159,6 +163,8 @@ pub struct Timeline {
 pub fn checks_of(outcome: &Outcome, bound: Duration) -> Vec<Check> {
     let bound_ms = bound.as_secs_f64() * 1000.0;
     let fault = outcome.scenario.fault;
+    let connection_seconds =
+        outcome.timeline.iter().map(|&n| f64::from(n)).sum::<f64>() * SAMPLE_INTERVAL.as_secs_f64();
     outcome
         .rows
         .iter()
@@ -203,6 +209,7 @@ pub fn checks_of(outcome: &Outcome, bound: Duration) -> Vec<Check> {
                 unblock_ms_p99: round(p99),
                 upstream_closed: outcome.upstream_closed,
                 release_ms: round(release_ms),
+                connection_seconds: round(connection_seconds),
                 held_after: outcome.held.into(),
                 partial_entries: row.partial_entries,
                 complete_entries: row.complete_entries,
@@ -310,7 +317,7 @@ pub fn table(report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<13} {:<6} {:>4} | {:<6} {:>7} {:>7} {:>7} {:>9} {:>7} {:<4} | {:<6} {:>7} {:>7} {:>9} {:>7} {:<4}",
+        "{:<13} {:<6} {:>4} | {:<6} {:>7} {:>7} {:>7} {:>6} {:>9} {:>7} {:<4} | {:<6} {:>7} {:>7} {:>6} {:>9} {:>7} {:<4}",
         "fault",
         "eco",
         "conc",
@@ -318,17 +325,19 @@ pub fn table(report: &Report) -> String {
         "p50 ms",
         "p99 ms",
         "rel ms",
+        "conn·s",
         "held",
         "partial",
         "pass",
         "naive",
         "p99 ms",
         "rel ms",
+        "conn·s",
         "held",
         "partial",
         "pass",
     );
-    let _ = writeln!(out, "{}", "-".repeat(126));
+    let _ = writeln!(out, "{}", "-".repeat(140));
     for check in &report.checks {
         let naive = report.baseline.checks.iter().find(|n| {
             n.fault == check.fault
@@ -337,7 +346,7 @@ pub fn table(report: &Report) -> String {
         });
         let _ = write!(
             out,
-            "{:<13} {:<6} {:>4} | {:<6} {:>7.1} {:>7.1} {:>7.0} {:>9} {:>7} {:<4} |",
+            "{:<13} {:<6} {:>4} | {:<6} {:>7.1} {:>7.1} {:>7.0} {:>6.1} {:>9} {:>7} {:<4} |",
             check.fault,
             check.ecosystem,
             check.concurrency,
@@ -345,6 +354,7 @@ pub fn table(report: &Report) -> String {
             check.unblock_ms_p50,
             check.unblock_ms_p99,
             check.release_ms,
+            check.connection_seconds,
             held_cell(&check.held_after),
             check.partial_entries,
             if check.passed { "PASS" } else { "FAIL" },
@@ -353,10 +363,11 @@ pub fn table(report: &Report) -> String {
             Some(n) => {
                 let _ = writeln!(
                     out,
-                    " {:<6} {:>7.1} {:>7.0} {:>9} {:>7} {:<4}",
+                    " {:<6} {:>7.1} {:>7.0} {:>6.1} {:>9} {:>7} {:<4}",
                     bytes_cell(n.client_bytes_ok),
                     n.unblock_ms_p99,
                     n.release_ms,
+                    n.connection_seconds,
                     held_cell(&n.held_after),
                     n.partial_entries,
                     if n.passed { "pass" } else { "fail" },
@@ -395,7 +406,7 @@ pub fn table(report: &Report) -> String {
         out,
         "\nsafedisk: {}/{} checks passed; naive tee: {}/{} by the same criteria. \
          p50/p99 = unblock (fault to client done); rel = connections outliving the \
-         clients; held = connections/fds/tasks/temp files after up to {} ms grace; \
+         clients; conn·s = connections held integrated over time; held = connections/fds/tasks/temp files after up to {} ms grace; \
          bound {} ms; took {:.1} s",
         report.checks.iter().filter(|c| c.passed).count(),
         report.checks.len(),

@@ -82,7 +82,9 @@ pub enum Fault {
     ClientAbort,
     /// The upstream declares the full length, sends half and closes.
     Truncation,
-    /// A real ENOSPC: the disk backend on a 768 KiB tmpfs.
+    /// A real full disk: the disk backend on a 768 KiB tmpfs, which
+    /// refuses at begin the fills it knows cannot fit and meets a real
+    /// ENOSPC where its estimate was wrong.
     TmpfsFull,
 }
 
