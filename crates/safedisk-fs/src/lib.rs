@@ -141,6 +141,7 @@
 //! # }
 //! ```
 
+mod capacity;
 mod format;
 mod options;
 mod read;
@@ -162,6 +163,7 @@ use safedisk_core::{
 #[cfg(doc)]
 use safedisk_core::Fill;
 
+pub use capacity::FsUsage;
 pub use options::{DEFAULT_WRITE_BUFFER, Durability, FsOptions, SpaceFloor};
 
 use root::{EntryPath, Root};
@@ -212,6 +214,12 @@ impl FsBackend {
     pub fn options(&self) -> &FsOptions {
         &self.root.options
     }
+
+    /// The counters of the index and the size limit: entries, space used
+    /// and reserved, evictions. Cheap (one short lock); for metrics.
+    pub fn usage(&self) -> FsUsage {
+        self.root.capacity.usage()
+    }
 }
 
 #[async_trait]
@@ -257,8 +265,17 @@ impl CacheBackend for FsBackend {
             let Some(dir) = root.entry_dir(&path, false).map_err(fail)? else {
                 return Ok(false);
             };
+            let stat = match rustix::fs::statat(&dir, path.file.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+            {
+                Ok(stat) => stat,
+                Err(Errno::NOENT) => return Ok(false),
+                Err(e) => return Err(fail(e.into())),
+            };
             match rustix::fs::unlinkat(&dir, path.file.as_str(), AtFlags::empty()) {
-                Ok(()) => Ok(true),
+                Ok(()) => {
+                    root.capacity.forget(&path.file, stat.st_dev, stat.st_ino);
+                    Ok(true)
+                }
                 Err(Errno::NOENT) => Ok(false),
                 Err(e) => Err(fail(e.into())),
             }

@@ -100,6 +100,17 @@ pub struct FsOptions {
     /// mean fewer hops to the blocking thread pool, at that much memory per
     /// fill in flight. Default: [`DEFAULT_WRITE_BUFFER`] (256 KiB).
     pub write_buffer: usize,
+    /// Most space, in bytes allocated on disk, that published entries and
+    /// fills in flight may take together. A fill reserves its expected
+    /// length (or, of unknown length, what it has written, batch by batch)
+    /// in whole blocks; when a reservation would pass the limit, the least
+    /// recently used entries are evicted first, and when that cannot make
+    /// room the fill fails with `NoSpace` before its bytes reach the disk.
+    /// Temp files left by dead writers are not counted. The
+    /// [`space_floor`](Self::space_floor) applies on top. Default: `None`,
+    /// no limit (entries are still indexed, for
+    /// [`FsBackend::usage`](crate::FsBackend::usage)).
+    pub max_size: Option<u64>,
 }
 
 impl Default for FsOptions {
@@ -110,6 +121,7 @@ impl Default for FsOptions {
             verify_on_read: false,
             reserve_space: true,
             write_buffer: DEFAULT_WRITE_BUFFER,
+            max_size: None,
         }
     }
 }
@@ -152,6 +164,13 @@ impl FsOptions {
     #[must_use]
     pub fn write_buffer(mut self, bytes: usize) -> Self {
         self.write_buffer = bytes;
+        self
+    }
+
+    /// Sets [`max_size`](Self::max_size) to `Some(bytes)`.
+    #[must_use]
+    pub fn max_size(mut self, bytes: u64) -> Self {
+        self.max_size = Some(bytes);
         self
     }
 }

@@ -52,6 +52,8 @@ pub(crate) fn open(root: &Root, key: &CacheKey) -> Result<Option<Opened>, CacheE
         Err(HeaderError::Corrupt(why)) => return Err(corrupt(root, &path, &file, key, why)),
     };
 
+    root.capacity.touch(&path.file);
+
     let start = header.header_len as usize;
     let end = (start as u64 + header.summary.len).min(prefix.len() as u64) as usize;
     let first = Bytes::from(prefix).slice(start..end);

@@ -17,6 +17,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 use safedisk_core::{CacheKey, FillSummary};
 
+use crate::capacity::Capacity;
 use crate::{Durability, FsOptions};
 
 pub(crate) const TMP_DIR: &str = "tmp";
@@ -48,6 +49,14 @@ impl EntryPath {
         }
     }
 
+    /// The path of the entry file named `file` (a key digest in hex).
+    pub(crate) fn of_file(file: &str) -> Self {
+        Self {
+            shard: file[..2].to_owned(),
+            file: file.to_owned(),
+        }
+    }
+
     pub(crate) fn relative(&self) -> String {
         format!("{}/{}", self.shard, self.file)
     }
@@ -70,6 +79,8 @@ pub(crate) struct Root {
     pub(crate) space: Mutex<()>,
     /// Makes temp file names unique within this process.
     pub(crate) counter: AtomicU64,
+    /// The index of published entries and the size limit.
+    pub(crate) capacity: Capacity,
 }
 
 impl Root {
@@ -91,6 +102,8 @@ impl Root {
         }
         let tmp = open_dir(&dir, TMP_DIR)?;
         let entries = open_dir(&dir, ENTRIES_DIR)?;
+        let block = rustix::fs::fstatvfs(&dir)?.f_frsize;
+        let capacity = Capacity::open(&entries, options.max_size, block)?;
 
         Ok(Self {
             path: path.to_owned(),
@@ -101,6 +114,7 @@ impl Root {
             reserved: AtomicU64::new(0),
             space: Mutex::new(()),
             counter: AtomicU64::new(0),
+            capacity,
         })
     }
 
@@ -159,7 +173,10 @@ impl Root {
             Err(e) => return Err(e.into()),
         }
         match rustix::fs::unlinkat(&dir, path.file.as_str(), AtFlags::empty()) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.capacity.forget(&path.file, ours.st_dev, ours.st_ino);
+                Ok(true)
+            }
             Err(Errno::NOENT) => Ok(false),
             Err(e) => Err(e.into()),
         }
@@ -298,7 +315,7 @@ fn make_dir(dir: &OwnedFd, name: &str) -> io::Result<bool> {
     }
 }
 
-fn open_dir(dir: &OwnedFd, name: &str) -> io::Result<OwnedFd> {
+pub(crate) fn open_dir(dir: &OwnedFd, name: &str) -> io::Result<OwnedFd> {
     open_beneath(dir, name, dir_flags())
 }
 

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -17,6 +17,7 @@ use safedisk_core::{
 };
 use tokio::task::JoinHandle;
 
+use crate::capacity::{Refused, Slot, allocated};
 use crate::root::{EntryPath, PLACEHOLDER, Root};
 use crate::{NAME, blocking, format, io_error, joined};
 
@@ -40,6 +41,53 @@ pub(crate) struct TempFile {
     armed: bool,
     /// Bytes this fill holds in `Root::reserved`.
     reserved: u64,
+    /// What this fill holds under the size limit.
+    charge: Charge,
+}
+
+/// Space a fill holds in the size limit's reservations, given back on
+/// drop. Shared with the hand-offs, which raise it as a fill of unknown
+/// length grows.
+pub(crate) struct Charge {
+    root: Arc<Root>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Charge {
+    /// Reserves `bytes` for a new fill. Blocking (it may evict).
+    fn take(root: &Arc<Root>, bytes: u64) -> Result<Self, Refused> {
+        root.reserve(bytes)?;
+        Ok(Self {
+            root: root.clone(),
+            bytes: Arc::new(AtomicU64::new(bytes)),
+        })
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.root
+            .capacity
+            .release(self.bytes.swap(0, Ordering::Relaxed));
+    }
+}
+
+/// Raises a fill's charge to `target` bytes, reserving the difference.
+/// Blocking (it may evict).
+fn grow_charge(root: &Root, charge: &AtomicU64, target: u64) -> Result<(), Refused> {
+    let held = charge.load(Ordering::Relaxed);
+    if target > held {
+        root.reserve(target - held)?;
+        charge.fetch_add(target - held, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// The error of a reservation the size limit refused.
+fn refused(refusal: Refused, op: Operation, key: &CacheKey) -> CacheError {
+    CacheError::new(ErrorKind::NoSpace, op, NAME)
+        .with_key(key)
+        .with_detail(format!("size limit reached: {}", refusal.0))
 }
 
 impl TempFile {
@@ -125,6 +173,14 @@ impl FsWriter {
         let header = format::encode(&key, &options.metadata, &PLACEHOLDER);
         let needed = options.expected_len.map(|len| len + header.len() as u64);
 
+        // Room under the size limit first: evicting frees disk space that
+        // the floor check below then sees.
+        let charged = root
+            .capacity
+            .round_up(needed.unwrap_or(header.len() as u64));
+        let charge = Charge::take(&root, charged)
+            .map_err(|refusal| refused(refusal, Operation::Begin, &key))?;
+
         let guard = root.space.lock().unwrap_or_else(|e| e.into_inner());
         let (free, floor) = root.free_and_floor().map_err(fail)?;
         let reserved = root.reserved.load(Ordering::Relaxed);
@@ -145,6 +201,7 @@ impl FsWriter {
             file: Arc::new(file),
             armed: true,
             reserved: 0,
+            charge,
         };
         (&*temp.file).write_all(&header).map_err(fail)?;
 
@@ -212,10 +269,17 @@ impl FsWriter {
             .then(|| self.header_len + (after / WRITE_BEHIND - 1) * WRITE_BEHIND);
         let file = temp.file.clone();
         let root = temp.root.clone();
+        let charge = temp.charge.bytes.clone();
+        let charge_target = root.capacity.round_up(self.header_len + after);
         let key = self.key.clone();
 
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
             let fail = |err| io_error(err, Operation::Write, &key);
+            // A fill of unknown length reserves as it grows, before its
+            // bytes reach the disk.
+            grow_charge(&root, &charge, charge_target)
+                .map_err(|refusal| refused(refusal, Operation::Write, &key))?;
+
             let mut batch = batch;
             write_all_chunks(&file, &batch).map_err(fail)?;
             if let Some(start) = write_behind {
@@ -285,8 +349,22 @@ impl CacheWriter for FsWriter {
                 })?;
             }
 
+            // Charge what the file really takes before it counts as used.
+            let stat = rustix::fs::fstat(file).map_err(|e| fail(e.into()))?;
+            let size = allocated(&stat);
+            let charge = &temp.charge.bytes;
+            grow_charge(root, charge, size)
+                .map_err(|refusal| refused(refusal, Operation::Commit, &key))?;
+            root.capacity
+                .release(charge.swap(size, Ordering::Relaxed) - size);
+
             root.publish(&temp.name, &path, create_only, file)
                 .map_err(fail)?;
+            root.capacity.published(
+                &path.file,
+                charge.swap(0, Ordering::Relaxed),
+                Slot::of(&stat),
+            );
             temp.mark_published();
             Ok(())
         })

@@ -1,0 +1,372 @@
+//! The size limit: an index of published entries (space on disk, last
+//! use), the space promised to fills in flight, and least-recently-used
+//! eviction.
+//!
+//! Every byte counted is a byte the filesystem allocated (`st_blocks`),
+//! and the sum of three amounts never passes the limit:
+//!
+//! - `used`: entries in the index;
+//! - `reserved`: promised to fills in flight (their expected length, or
+//!   what they wrote so far), rounded up to whole blocks;
+//! - `freeing`: entries taken out of the index whose unlink has not run
+//!   yet; their blocks are still allocated.
+//!
+//! A reservation that does not fit takes least-recently-used entries out
+//! of the index, unlinks them on the calling thread (always a blocking-pool
+//! thread) and tries again. When the entries left cannot make room (what
+//! is in flight already fills the limit), the reservation is refused; when
+//! another thread's unlinks are about to make room, it waits for them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rustix::fs::{AtFlags, FileType};
+use rustix::io::Errno;
+
+use crate::NAME;
+use crate::root::{EntryPath, Root, open_dir};
+
+/// What the backend holds, for metrics. See [`FsBackend::usage`].
+///
+/// [`FsBackend::usage`]: crate::FsBackend::usage
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct FsUsage {
+    /// Published entries in the index.
+    pub entries: u64,
+    /// Space the published entries take on disk (allocated blocks).
+    pub bytes_used: u64,
+    /// Space promised to fills in flight, whole blocks.
+    pub bytes_reserved: u64,
+    /// Space of evicted entries whose unlink has not finished yet.
+    pub bytes_freeing: u64,
+    /// Entries evicted since open.
+    pub evictions: u64,
+    /// Space of the entries evicted since open.
+    pub bytes_evicted: u64,
+    /// [`FsOptions::max_size`](crate::FsOptions::max_size), if any.
+    pub limit: Option<u64>,
+}
+
+/// The index and the reservations. Lives in [`Root`].
+#[derive(Debug)]
+pub(crate) struct Capacity {
+    limit: Option<u64>,
+    /// Allocation unit of the filesystem; reservations are rounded up to it.
+    block: u64,
+    state: Mutex<State>,
+    /// Signalled when an unlink finishes or a reservation is released.
+    freed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Published entries by file name (the key digest in hex).
+    entries: HashMap<String, Slot>,
+    /// File names by last use, oldest first.
+    order: BTreeMap<u64, String>,
+    clock: u64,
+    used: u64,
+    reserved: u64,
+    freeing: u64,
+    evictions: u64,
+    bytes_evicted: u64,
+}
+
+/// One published entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slot {
+    pub(crate) bytes: u64,
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+    used_at: u64,
+}
+
+impl Slot {
+    pub(crate) fn of(stat: &rustix::fs::Stat) -> Self {
+        Self {
+            bytes: allocated(stat),
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+            used_at: 0,
+        }
+    }
+}
+
+/// Space a file takes on disk.
+pub(crate) fn allocated(stat: &rustix::fs::Stat) -> u64 {
+    (stat.st_blocks as u64).saturating_mul(512)
+}
+
+/// An entry taken out of the index to be unlinked.
+struct Victim {
+    file: String,
+    slot: Slot,
+}
+
+/// Why a reservation was refused: the text of a `NoSpace` error's detail.
+#[derive(Debug)]
+pub(crate) struct Refused(pub(crate) String);
+
+impl Capacity {
+    /// Scans `entries/` and indexes every published entry, least recently
+    /// used first by access time (modification time when later).
+    pub(crate) fn open(entries: &OwnedFd, limit: Option<u64>, block: u64) -> io::Result<Self> {
+        let mut found = Vec::new();
+        for shard in names(entries)? {
+            if !is_hex(&shard, 2) {
+                continue;
+            }
+            let dir = match open_dir(entries, &shard) {
+                Ok(dir) => dir,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for file in names(&dir)? {
+                if !is_hex(&file, 64) || !file.starts_with(&shard) {
+                    continue;
+                }
+                let stat = match rustix::fs::statat(&dir, file.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+                {
+                    Ok(stat) => stat,
+                    Err(Errno::NOENT) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+                    continue;
+                }
+                let last_use = (stat.st_atime.max(stat.st_mtime), file.clone());
+                found.push((last_use, Slot::of(&stat)));
+            }
+        }
+        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+
+        let mut state = State::default();
+        for ((_, file), slot) in found {
+            state.insert(file, slot);
+        }
+        Ok(Self {
+            limit,
+            block: block.max(1),
+            state: Mutex::new(state),
+            freed: Condvar::new(),
+        })
+    }
+
+    /// `bytes` rounded up to whole blocks.
+    pub(crate) fn round_up(&self, bytes: u64) -> u64 {
+        bytes.div_ceil(self.block).saturating_mul(self.block)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The counters now.
+    pub(crate) fn usage(&self) -> FsUsage {
+        let state = self.lock();
+        FsUsage {
+            entries: state.entries.len() as u64,
+            bytes_used: state.used,
+            bytes_reserved: state.reserved,
+            bytes_freeing: state.freeing,
+            evictions: state.evictions,
+            bytes_evicted: state.bytes_evicted,
+            limit: self.limit,
+        }
+    }
+
+    /// Gives back `bytes` of a reservation.
+    pub(crate) fn release(&self, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let mut state = self.lock();
+        state.reserved = state.reserved.saturating_sub(bytes);
+        drop(state);
+        self.freed.notify_all();
+    }
+
+    /// Turns a fill's reservation of `charged` bytes into the published
+    /// entry `file`, replacing the entry of the same name if indexed. The
+    /// caller has made `charged` equal the file's allocated size.
+    pub(crate) fn published(&self, file: &str, charged: u64, slot: Slot) {
+        let mut state = self.lock();
+        state.reserved = state.reserved.saturating_sub(charged);
+        state.forget(file, None);
+        state.insert(file.to_owned(), slot);
+        drop(state);
+        self.freed.notify_all();
+    }
+
+    /// Marks `file` as just used.
+    pub(crate) fn touch(&self, file: &str) {
+        let mut state = self.lock();
+        state.clock += 1;
+        let now = state.clock;
+        if let Some(slot) = state.entries.get_mut(file) {
+            let before = std::mem::replace(&mut slot.used_at, now);
+            state.order.remove(&before);
+            state.order.insert(now, file.to_owned());
+        }
+    }
+
+    /// Drops `file` from the index if it is still the inode `ino`.
+    pub(crate) fn forget(&self, file: &str, dev: u64, ino: u64) {
+        self.lock().forget(file, Some((dev, ino)));
+    }
+}
+
+impl State {
+    fn insert(&mut self, file: String, mut slot: Slot) {
+        self.clock += 1;
+        slot.used_at = self.clock;
+        self.used += slot.bytes;
+        self.order.insert(slot.used_at, file.clone());
+        self.entries.insert(file, slot);
+    }
+
+    /// Removes `file` from the index; with `inode`, only if it matches.
+    fn forget(&mut self, file: &str, inode: Option<(u64, u64)>) -> Option<Slot> {
+        let slot = *self.entries.get(file)?;
+        if inode.is_some_and(|inode| inode != (slot.dev, slot.ino)) {
+            return None;
+        }
+        self.entries.remove(file);
+        self.order.remove(&slot.used_at);
+        self.used -= slot.bytes;
+        Some(slot)
+    }
+
+    /// Takes least-recently-used entries out of the index until `needed`
+    /// bytes are picked (or the index is empty); their space moves to
+    /// `freeing`.
+    fn pick(&mut self, needed: u64) -> Vec<Victim> {
+        let mut victims = Vec::new();
+        let mut picked = 0;
+        while picked < needed {
+            let Some((_, file)) = self.order.pop_first() else {
+                break;
+            };
+            let Some(slot) = self.entries.remove(&file) else {
+                continue;
+            };
+            self.used -= slot.bytes;
+            self.freeing += slot.bytes;
+            picked += slot.bytes;
+            victims.push(Victim { file, slot });
+        }
+        self.evictions += victims.len() as u64;
+        self.bytes_evicted += picked;
+        victims
+    }
+}
+
+impl Root {
+    /// Reserves `bytes` (whole blocks) for a fill, evicting
+    /// least-recently-used entries when the limit needs it. Blocking: it
+    /// unlinks what it evicts, and may wait for another thread's unlinks.
+    pub(crate) fn reserve(&self, bytes: u64) -> Result<(), Refused> {
+        let capacity = &self.capacity;
+        let mut state = capacity.lock();
+        let Some(limit) = capacity.limit else {
+            state.reserved += bytes;
+            return Ok(());
+        };
+
+        loop {
+            let busy = state.reserved + state.freeing;
+            if state.used + busy + bytes <= limit {
+                state.reserved += bytes;
+                return Ok(());
+            }
+            if busy + bytes > limit {
+                // Even an empty index would not make room. Unlinks in
+                // progress may; anything else is in flight.
+                if state.freeing > 0 {
+                    state = capacity
+                        .freed
+                        .wait_timeout(state, Duration::from_millis(100))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    continue;
+                }
+                return Err(Refused(format!(
+                    "{bytes} bytes wanted; limit {limit}, {} reserved by fills in flight",
+                    state.reserved
+                )));
+            }
+
+            let needed = state.used + busy + bytes - limit;
+            let victims = state.pick(needed);
+            drop(state);
+            let freed = self.evict(&victims);
+            state = capacity.lock();
+            state.freeing -= freed;
+            capacity.freed.notify_all();
+        }
+    }
+
+    /// Unlinks evicted entries (each only if its name still holds the
+    /// indexed inode); returns the space they were counted for.
+    fn evict(&self, victims: &[Victim]) -> u64 {
+        let mut bytes = 0;
+        let mut removed = 0;
+        for victim in victims {
+            bytes += victim.slot.bytes;
+            match self.unlink_entry(&victim.file, victim.slot) {
+                Ok(true) => removed += 1,
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(backend = NAME, file = %victim.file, error = %err,
+                        "evicted entry could not be unlinked");
+                }
+            }
+        }
+        tracing::info!(
+            backend = NAME,
+            entries = removed,
+            bytes,
+            "evicted least recently used entries to make room"
+        );
+        bytes
+    }
+
+    fn unlink_entry(&self, file: &str, slot: Slot) -> io::Result<bool> {
+        let path = EntryPath::of_file(file);
+        let Some(dir) = self.entry_dir(&path, false)? else {
+            return Ok(false);
+        };
+        match rustix::fs::statat(&dir, file, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(now) if now.st_dev == slot.dev && now.st_ino == slot.ino => {}
+            Ok(_) | Err(Errno::NOENT) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        match rustix::fs::unlinkat(&dir, file, AtFlags::empty()) {
+            Ok(()) => Ok(true),
+            Err(Errno::NOENT) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn names(dir: &OwnedFd) -> io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in rustix::fs::Dir::read_from(dir)? {
+        let entry = entry?;
+        if let Ok(name) = entry.file_name().to_str()
+            && name != "."
+            && name != ".."
+        {
+            out.push(name.to_owned());
+        }
+    }
+    Ok(out)
+}
+
+fn is_hex(name: &str, len: usize) -> bool {
+    name.len() == len && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
