@@ -11,7 +11,8 @@
 //! ```
 //!
 //! which [`replay`] runs again. The number of cases is 24 by default and
-//! `SAFEDISK_FUZZ_CASES` raises it for long runs.
+//! `SAFEDISK_FUZZ_CASES` raises it for long runs; `SAFEDISK_FUZZ_SEED`
+//! changes the otherwise fixed seed (see [`FuzzConfig`]).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -320,16 +321,52 @@ pub fn case() -> impl Strategy<Value = Case> {
         .prop_map(|(plan, ops)| Case { plan, ops })
 }
 
-/// Cases per run: `SAFEDISK_FUZZ_CASES`, or 24.
-pub fn case_count() -> u32 {
-    std::env::var("SAFEDISK_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(24)
+/// How many cases a fuzzing run makes, and from which seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FuzzConfig {
+    /// Cases to run. Default: `SAFEDISK_FUZZ_CASES`, else 24.
+    pub cases: u32,
+    /// Seed of the case generator; the same seed makes the same cases.
+    /// Default: `SAFEDISK_FUZZ_SEED`, else a fixed seed, so CI runs are
+    /// repeatable; set the variable to explore.
+    pub seed: u64,
 }
 
-/// Runs the state-machine test on fresh subjects from `factory`: each case
-/// gets a new backend wrapped in the case's fault plan.
+impl Default for FuzzConfig {
+    fn default() -> Self {
+        let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+        Self {
+            cases: env("SAFEDISK_FUZZ_CASES").map_or(24, |n: u64| n as u32),
+            seed: env("SAFEDISK_FUZZ_SEED").unwrap_or(0x5afe_d15c),
+        }
+    }
+}
+
+impl FuzzConfig {
+    /// The defaults (from the environment where set).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets [`cases`](Self::cases).
+    #[must_use]
+    pub fn cases(mut self, cases: u32) -> Self {
+        self.cases = cases;
+        self
+    }
+
+    /// Sets [`seed`](Self::seed).
+    #[must_use]
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+}
+
+/// Runs the state-machine test on fresh subjects from `factory` with
+/// [`FuzzConfig::default`]: each case gets a new backend wrapped in the
+/// case's fault plan.
 ///
 /// # Panics
 ///
@@ -340,20 +377,41 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = Subject>,
 {
+    check_backend_with(FuzzConfig::default(), factory);
+}
+
+/// [`check_backend`] with explicit case count and seed.
+///
+/// # Panics
+///
+/// As [`check_backend`].
+pub fn check_backend_with<F, Fut>(config: FuzzConfig, factory: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Subject>,
+{
+    use proptest::test_runner::{RngAlgorithm, TestRng};
+
     let runtime = runtime();
-    let config = Config {
-        cases: case_count(),
+    let proptest_config = Config {
+        cases: config.cases,
         failure_persistence: None,
         ..Config::default()
     };
-    let mut runner = TestRunner::new(config);
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&config.seed.to_le_bytes());
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &seed);
+    let mut runner = TestRunner::new_with_rng(proptest_config, rng);
     let result = runner.run(&case(), |case| {
         runtime
             .block_on(async { run_case(factory().await, &case).await })
             .map_err(|message| TestCaseError::fail(format!("{message}\nreplay: {case}")))
     });
     if let Err(err) = result {
-        panic!("fault fuzzing found a broken invariant: {err}");
+        panic!(
+            "fault fuzzing (seed {}) found a broken invariant: {err}",
+            config.seed
+        );
     }
 }
 
