@@ -10,12 +10,16 @@
 //!   what they wrote so far), rounded up to whole blocks;
 //! - `freeing`: entries taken out of the index whose unlink has not run
 //!   yet; their blocks are still allocated.
+//! - `held`: entries unlinked (evicted, removed or overwritten) while a
+//!   reader still has them open: their blocks stay allocated until the
+//!   last reader closes, so they still count.
 //!
 //! A reservation that does not fit takes least-recently-used entries out
 //! of the index, unlinks them on the calling thread (always a blocking-pool
 //! thread) and tries again. When the entries left cannot make room (what
-//! is in flight already fills the limit), the reservation is refused; when
-//! another thread's unlinks are about to make room, it waits for them.
+//! is in flight or held by readers already fills the limit), the
+//! reservation is refused; when another thread's unlinks are about to
+//! make room, it waits for them (never for a reader).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -43,6 +47,9 @@ pub struct FsUsage {
     pub bytes_reserved: u64,
     /// Space of evicted entries whose unlink has not finished yet.
     pub bytes_freeing: u64,
+    /// Space of entries unlinked while readers still have them open; it
+    /// is freed, and stops counting, when the last of them closes.
+    pub bytes_held_by_readers: u64,
     /// Entries evicted since open.
     pub evictions: u64,
     /// Space of the entries evicted since open.
@@ -72,8 +79,18 @@ struct State {
     used: u64,
     reserved: u64,
     freeing: u64,
+    held: u64,
+    /// Open readers per inode, and the space counted in `held` for the
+    /// inode once it is unlinked.
+    readers: HashMap<(u64, u64), Readers>,
     evictions: u64,
     bytes_evicted: u64,
+}
+
+#[derive(Debug, Default)]
+struct Readers {
+    open: u64,
+    held: u64,
 }
 
 /// One published entry.
@@ -173,6 +190,7 @@ impl Capacity {
             bytes_used: state.used,
             bytes_reserved: state.reserved,
             bytes_freeing: state.freeing,
+            bytes_held_by_readers: state.held,
             evictions: state.evictions,
             bytes_evicted: state.bytes_evicted,
             limit: self.limit,
@@ -196,27 +214,59 @@ impl Capacity {
     pub(crate) fn published(&self, file: &str, charged: u64, slot: Slot) {
         let mut state = self.lock();
         state.reserved = state.reserved.saturating_sub(charged);
-        state.forget(file, None);
+        if let Some(old) = state.forget(file, None) {
+            // Replaced by the rename: unlinked, maybe still being read.
+            state.unlinked(old, false);
+        }
         state.insert(file.to_owned(), slot);
         drop(state);
         self.freed.notify_all();
     }
 
-    /// Marks `file` as just used.
-    pub(crate) fn touch(&self, file: &str) {
+    /// Drops `file` from the index after it was unlinked, if it is still
+    /// the inode `(dev, ino)`.
+    pub(crate) fn forget(&self, file: &str, dev: u64, ino: u64) {
         let mut state = self.lock();
+        if let Some(slot) = state.forget(file, Some((dev, ino))) {
+            state.unlinked(slot, false);
+        }
+    }
+
+    /// A reader opened `file`, the inode `(dev, ino)` (whose link count
+    /// the caller checks after this call): it counts as just used, and its
+    /// space counts until [`reader_closed`](Self::reader_closed) even if
+    /// it is unlinked meanwhile.
+    pub(crate) fn reader_opened(&self, file: &str, dev: u64, ino: u64) {
+        let mut state = self.lock();
+        state.readers.entry((dev, ino)).or_default().open += 1;
         state.clock += 1;
         let now = state.clock;
-        if let Some(slot) = state.entries.get_mut(file) {
+        if let Some(slot) = state.entries.get_mut(file)
+            && (slot.dev, slot.ino) == (dev, ino)
+        {
             let before = std::mem::replace(&mut slot.used_at, now);
             state.order.remove(&before);
             state.order.insert(now, file.to_owned());
         }
     }
 
-    /// Drops `file` from the index if it is still the inode `ino`.
-    pub(crate) fn forget(&self, file: &str, dev: u64, ino: u64) {
-        self.lock().forget(file, Some((dev, ino)));
+    /// The reader of [`reader_opened`](Self::reader_opened) closed.
+    pub(crate) fn reader_closed(&self, dev: u64, ino: u64) {
+        let mut state = self.lock();
+        let Some(readers) = state.readers.get_mut(&(dev, ino)) else {
+            return;
+        };
+        readers.open -= 1;
+        if readers.open > 0 {
+            return;
+        }
+        let held = readers.held;
+        state.readers.remove(&(dev, ino));
+        state.held -= held;
+        drop(state);
+        if held > 0 {
+            self.freed.notify_all();
+        }
     }
 }
 
@@ -239,6 +289,19 @@ impl State {
         self.order.remove(&slot.used_at);
         self.used -= slot.bytes;
         Some(slot)
+    }
+
+    /// The file of `slot` was unlinked; its space, counted in `freeing`
+    /// when `was_freeing`, now counts in `held` while readers have it
+    /// open, else not at all.
+    fn unlinked(&mut self, slot: Slot, was_freeing: bool) {
+        if was_freeing {
+            self.freeing -= slot.bytes;
+        }
+        if let Some(readers) = self.readers.get_mut(&(slot.dev, slot.ino)) {
+            readers.held += slot.bytes;
+            self.held += slot.bytes;
+        }
     }
 
     /// Takes least-recently-used entries out of the index until `needed`
@@ -278,14 +341,14 @@ impl Root {
         };
 
         loop {
-            let busy = state.reserved + state.freeing;
+            let busy = state.reserved + state.freeing + state.held;
             if state.used + busy + bytes <= limit {
                 state.reserved += bytes;
                 return Ok(());
             }
             if busy + bytes > limit {
                 // Even an empty index would not make room. Unlinks in
-                // progress may; anything else is in flight.
+                // progress may; fills in flight and readers may take long.
                 if state.freeing > 0 {
                     state = capacity
                         .freed
@@ -295,24 +358,27 @@ impl Root {
                     continue;
                 }
                 return Err(Refused(format!(
-                    "{bytes} bytes wanted; limit {limit}, {} reserved by fills in flight",
-                    state.reserved
+                    "{bytes} bytes wanted; limit {limit}, {} reserved by fills in flight, \
+                     {} held by readers of removed entries",
+                    state.reserved, state.held
                 )));
             }
 
             let needed = state.used + busy + bytes - limit;
             let victims = state.pick(needed);
             drop(state);
-            let freed = self.evict(&victims);
+            self.evict(&victims);
             state = capacity.lock();
-            state.freeing -= freed;
+            for victim in &victims {
+                state.unlinked(victim.slot, true);
+            }
             capacity.freed.notify_all();
         }
     }
 
     /// Unlinks evicted entries (each only if its name still holds the
-    /// indexed inode); returns the space they were counted for.
-    fn evict(&self, victims: &[Victim]) -> u64 {
+    /// indexed inode).
+    fn evict(&self, victims: &[Victim]) {
         let mut bytes = 0;
         let mut removed = 0;
         for victim in victims {
@@ -332,7 +398,6 @@ impl Root {
             bytes,
             "evicted least recently used entries to make room"
         );
-        bytes
     }
 
     fn unlink_entry(&self, file: &str, slot: Slot) -> io::Result<bool> {

@@ -1,6 +1,7 @@
 //! Reading a published entry: header first, then the bytes as a stream.
 
 use std::fs::File;
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
@@ -23,13 +24,14 @@ const READ_CHUNK: usize = 256 * 1024;
 /// An entry opened and its header checked. Blocking.
 pub(crate) struct Opened {
     file: Arc<File>,
+    reading: Reading,
     header: Header,
     first: Bytes,
 }
 
 /// Opens the entry of `key`; a corrupt one is removed and reported as
 /// `IntegrityMismatch`. Blocking.
-pub(crate) fn open(root: &Root, key: &CacheKey) -> Result<Option<Opened>, CacheError> {
+pub(crate) fn open(root: &Arc<Root>, key: &CacheKey) -> Result<Option<Opened>, CacheError> {
     let fail = |err| io_error(err, Operation::Get, key);
     let path = EntryPath::of(key);
     let Some(file) = root.open_entry(&path).map_err(fail)? else {
@@ -52,16 +54,56 @@ pub(crate) fn open(root: &Root, key: &CacheKey) -> Result<Option<Opened>, CacheE
         Err(HeaderError::Corrupt(why)) => return Err(corrupt(root, &path, &file, key, why)),
     };
 
-    root.capacity.touch(&path.file);
+    let Some(reading) = Reading::start(root, &path, &file).map_err(fail)? else {
+        return Ok(None);
+    };
 
     let start = header.header_len as usize;
     let end = (start as u64 + header.summary.len).min(prefix.len() as u64) as usize;
     let first = Bytes::from(prefix).slice(start..end);
     Ok(Some(Opened {
         file: Arc::new(file),
+        reading,
         header,
         first,
     }))
+}
+
+/// A reader of an entry, as the size limit sees it: while it lives, the
+/// entry's space counts even if the entry is evicted or removed, since
+/// its blocks stay allocated until the descriptor closes.
+pub(crate) struct Reading {
+    root: Arc<Root>,
+    dev: u64,
+    ino: u64,
+}
+
+impl Reading {
+    /// Registers a reader of `file` and marks the entry as just used.
+    /// `None` when the file was unlinked already: the entry is gone, and
+    /// its space may no longer be counted.
+    fn start(root: &Arc<Root>, path: &EntryPath, file: &File) -> io::Result<Option<Self>> {
+        let stat = rustix::fs::fstat(file)?;
+        root.capacity
+            .reader_opened(&path.file, stat.st_dev, stat.st_ino);
+        let reading = Self {
+            root: root.clone(),
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+        };
+        // Checked after registering: a file still linked now is unlinked
+        // later, by someone who then sees this reader.
+        if rustix::fs::fstat(file)?.st_nlink == 0 {
+            return Ok(None);
+        }
+        Ok(Some(reading))
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.root.capacity.reader_closed(self.dev, self.ino);
+    }
 }
 
 fn check(prefix: &[u8], size: u64, key: &CacheKey) -> Result<Header, HeaderError> {
@@ -101,6 +143,7 @@ pub(crate) async fn into_entry(
 ) -> Result<Entry, CacheError> {
     let Opened {
         file,
+        reading,
         header,
         first,
     } = opened;
@@ -119,6 +162,7 @@ pub(crate) async fn into_entry(
     }
 
     let body = Body {
+        _reading: reading,
         root,
         key,
         file,
@@ -136,6 +180,7 @@ pub(crate) async fn into_entry(
 }
 
 struct Body {
+    _reading: Reading,
     root: Arc<Root>,
     key: CacheKey,
     file: Arc<File>,
