@@ -550,6 +550,8 @@ async fn counts(rig: &Rig, cache: &Cache, proxy_port: u16) -> Counts {
         .await
         .map_or(usize::MAX, |n| n as usize);
     if let (Records::Store(_), Some(s3)) = (&cache.records, &rig.s3) {
+        // Upload records and parts the server still keeps count too: an
+        // upload the backend forgot is storage held all the same.
         let uploads = s3.open_uploads().map_or(usize::MAX, |u| u.len());
         temp = temp.saturating_add(uploads);
     }
