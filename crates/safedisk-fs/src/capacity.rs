@@ -208,12 +208,21 @@ impl Capacity {
         self.freed.notify_all();
     }
 
-    /// Turns a fill's reservation of `charged` bytes into the published
-    /// entry `file`, replacing the entry of the same name if indexed. The
-    /// caller has made `charged` equal the file's allocated size.
-    pub(crate) fn published(&self, file: &str, charged: u64, slot: Slot) {
+    /// Turns a fill's reservation of `charged` bytes into the entry
+    /// `file` just renamed into `dir`, replacing the entry of that name if
+    /// indexed. The caller has made `charged` equal the file's allocated
+    /// size.
+    pub(crate) fn published(&self, dir: &OwnedFd, file: &str, charged: u64, slot: Slot) {
         let mut state = self.lock();
         state.reserved = state.reserved.saturating_sub(charged);
+
+        // Checked under the lock: when two commits of one key race, the
+        // one whose file holds the name is indexed, whatever the order
+        // their calls arrive in.
+        match rustix::fs::statat(dir, file, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(now) if (now.st_dev, now.st_ino) == (slot.dev, slot.ino) => {}
+            _ => return,
+        }
         if let Some(old) = state.forget(file, None) {
             // Replaced by the rename: unlinked, maybe still being read.
             state.unlinked(old, false);

@@ -17,7 +17,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 use safedisk_core::{CacheKey, FillSummary};
 
-use crate::capacity::Capacity;
+use crate::capacity::{Capacity, Slot};
 use crate::{Durability, FsOptions};
 
 pub(crate) const TMP_DIR: &str = "tmp";
@@ -231,15 +231,18 @@ impl Root {
         }
     }
 
-    /// Publishes temp file `name` as the entry at `path`, then syncs the
-    /// entry's directory when durable. Returns `AlreadyExists` in
-    /// create-only mode when an entry is there.
+    /// Publishes temp file `name` as the entry at `path`, turns the fill's
+    /// `charge` into the indexed entry `slot`, then syncs the entry's
+    /// directory when durable. Returns `AlreadyExists` in create-only mode
+    /// when an entry is there (the charge is then left as it was).
     pub(crate) fn publish(
         &self,
         name: &str,
         path: &EntryPath,
         create_only: bool,
         file: &File,
+        charge: &AtomicU64,
+        slot: Slot,
     ) -> io::Result<()> {
         let dir = self
             .entry_dir(path, true)?
@@ -266,6 +269,8 @@ impl Root {
         } else {
             rustix::fs::renameat(&self.tmp, name, &dir, target)?;
         }
+        self.capacity
+            .published(&dir, target, charge.swap(0, Ordering::Relaxed), slot);
 
         if self.durable()
             && let Err(err) = rustix::fs::fsync(&dir)

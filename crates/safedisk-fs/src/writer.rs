@@ -358,13 +358,15 @@ impl CacheWriter for FsWriter {
             root.capacity
                 .release(charge.swap(size, Ordering::Relaxed) - size);
 
-            root.publish(&temp.name, &path, create_only, file)
-                .map_err(fail)?;
-            root.capacity.published(
-                &path.file,
-                charge.swap(0, Ordering::Relaxed),
+            root.publish(
+                &temp.name,
+                &path,
+                create_only,
+                file,
+                charge,
                 Slot::of(&stat),
-            );
+            )
+            .map_err(fail)?;
             temp.mark_published();
             Ok(())
         })

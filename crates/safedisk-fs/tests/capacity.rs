@@ -392,3 +392,29 @@ async fn a_full_limit_never_lets_the_filesystem_fill() {
     drop(backend);
     drop(fs);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_overwrites_leave_the_index_true_to_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FsBackend::open(dir.path(), options(64 << 20)).unwrap());
+    let mut tasks = Vec::new();
+    for writer in 0..8u64 {
+        let backend = backend.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..20u64 {
+                let len = 1_000 + ((writer * 20 + round) as usize * 15_013) % 200_000;
+                let bytes = content(writer, len);
+                put(&*backend, &key("same"), &bytes, 32_768, with_len(len))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let usage = backend.usage();
+    assert_eq!(on_disk(dir.path()), (1, usage.bytes_used), "{usage:?}");
+    assert_eq!(usage.entries, 1);
+    assert_eq!(usage.bytes_reserved, 0);
+}
