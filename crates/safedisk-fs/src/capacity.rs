@@ -24,6 +24,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -124,6 +125,22 @@ struct Victim {
     slot: Slot,
 }
 
+/// The value of a fill's charge once its fill is gone: a reservation that
+/// lands after that (a hand-off that outlived a cancelled write) is given
+/// back at once.
+pub(crate) const CLOSED: u64 = u64::MAX;
+
+/// Adds `bytes`, just reserved, to a fill's `charge`, or gives them back
+/// when the fill is gone.
+pub(crate) fn add_to_charge(capacity: &Capacity, charge: &AtomicU64, bytes: u64) {
+    let added = charge.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+        (held != CLOSED).then_some(held + bytes)
+    });
+    if added.is_err() {
+        capacity.release(bytes);
+    }
+}
+
 /// Why a reservation was refused: the text of a `NoSpace` error's detail.
 #[derive(Debug)]
 pub(crate) struct Refused(pub(crate) String);
@@ -195,6 +212,27 @@ impl Capacity {
             bytes_evicted: state.bytes_evicted,
             limit: self.limit,
         }
+    }
+
+    /// Raises a fill's `charge` to `target` bytes when that fits without
+    /// evicting or waiting; `false` when it does not (then nothing
+    /// changed). Does no I/O, so it may run on an async worker thread.
+    pub(crate) fn try_grow(&self, charge: &AtomicU64, target: u64) -> bool {
+        let held = charge.load(Ordering::Relaxed);
+        if held == CLOSED || target <= held {
+            return true;
+        }
+        let bytes = target - held;
+        let mut state = self.lock();
+        let fits = self.limit.is_none_or(|limit| {
+            state.used + state.reserved + state.freeing + state.held + bytes <= limit
+        });
+        if fits {
+            state.reserved += bytes;
+            drop(state);
+            add_to_charge(self, charge, bytes);
+        }
+        fits
     }
 
     /// Gives back `bytes` of a reservation.

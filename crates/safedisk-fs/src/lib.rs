@@ -118,9 +118,10 @@
 //! 3. When eviction cannot make room, because what is left is reserved
 //!    by fills in flight or held by readers, the fill fails with
 //!    [`NoSpace`](ErrorKind::NoSpace) and no OS error code: at begin
-//!    before a byte streams, or for a fill of unknown length at the next
-//!    write or commit after the batch that would pass the limit (that
-//!    batch is never written).
+//!    before a byte streams, or for a fill of unknown length at the write
+//!    whose batch would pass the limit (that batch is never written).
+//!    Room that fits without evicting is taken on the calling thread with
+//!    no I/O; evicting for a batch costs that write one blocking hand-off.
 //! 4. A reader holds its entry's descriptor, so an entry evicted (or
 //!    removed, or overwritten) while it streams is read to the end. Its
 //!    blocks stay allocated until the reader closes, and they stay

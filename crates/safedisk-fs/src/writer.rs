@@ -17,7 +17,7 @@ use safedisk_core::{
 };
 use tokio::task::JoinHandle;
 
-use crate::capacity::{Refused, Slot, allocated};
+use crate::capacity::{CLOSED, Refused, Slot, add_to_charge, allocated};
 use crate::root::{EntryPath, PLACEHOLDER, Root};
 use crate::{NAME, blocking, format, io_error, joined};
 
@@ -66,9 +66,10 @@ impl Charge {
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        self.root
-            .capacity
-            .release(self.bytes.swap(0, Ordering::Relaxed));
+        let held = self.bytes.swap(CLOSED, Ordering::Relaxed);
+        if held != CLOSED {
+            self.root.capacity.release(held);
+        }
     }
 }
 
@@ -76,10 +77,11 @@ impl Drop for Charge {
 /// Blocking (it may evict).
 fn grow_charge(root: &Root, charge: &AtomicU64, target: u64) -> Result<(), Refused> {
     let held = charge.load(Ordering::Relaxed);
-    if target > held {
-        root.reserve(target - held)?;
-        charge.fetch_add(target - held, Ordering::Relaxed);
+    if held == CLOSED || target <= held {
+        return Ok(());
     }
+    root.reserve(target - held)?;
+    add_to_charge(&root.capacity, charge, target - held);
     Ok(())
 }
 
@@ -261,25 +263,37 @@ impl FsWriter {
             return Err(self.gone(Operation::Write));
         };
 
+        // A fill of unknown length reserves as it grows, before the batch
+        // goes to the disk: this write fails if the batch cannot fit. Room
+        // that needs evicting is made on the blocking pool.
+        let after = self.on_disk + self.gathered_len as u64;
+        let target = temp.root.capacity.round_up(self.header_len + after);
+        let charge = temp.charge.bytes.clone();
+        if !temp.root.capacity.try_grow(&charge, target) {
+            let root = temp.root.clone();
+            let key = self.key.clone();
+            blocking(Operation::Write, &self.key, move || {
+                grow_charge(&root, &charge, target)
+                    .map_err(|refusal| refused(refusal, Operation::Write, &key))
+            })
+            .await?;
+        }
+        let Some(temp) = &self.temp else {
+            return Err(self.gone(Operation::Write));
+        };
+
         let batch = std::mem::replace(&mut self.gathered, spare);
         let before = self.on_disk;
-        let after = before + std::mem::take(&mut self.gathered_len) as u64;
+        self.gathered_len = 0;
         let check_space = after >= self.next_space_check;
         let write_behind = (temp.root.durable() && before / WRITE_BEHIND != after / WRITE_BEHIND)
             .then(|| self.header_len + (after / WRITE_BEHIND - 1) * WRITE_BEHIND);
         let file = temp.file.clone();
         let root = temp.root.clone();
-        let charge = temp.charge.bytes.clone();
-        let charge_target = root.capacity.round_up(self.header_len + after);
         let key = self.key.clone();
 
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
             let fail = |err| io_error(err, Operation::Write, &key);
-            // A fill of unknown length reserves as it grows, before its
-            // bytes reach the disk.
-            grow_charge(&root, &charge, charge_target)
-                .map_err(|refusal| refused(refusal, Operation::Write, &key))?;
-
             let mut batch = batch;
             write_all_chunks(&file, &batch).map_err(fail)?;
             if let Some(start) = write_behind {

@@ -7,7 +7,6 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{Tmpfs, content, get_bytes, key, put, read_all};
@@ -240,16 +239,15 @@ async fn a_fill_that_cannot_fit_is_refused_before_streaming() {
         .await
         .unwrap();
     let mut failed = None;
-    for _ in 0..64 {
+    for i in 0..64 {
         if let Err(err) = grow.write(Bytes::from(vec![7u8; 64 * 1024])).await {
-            failed = Some(err);
+            failed = Some((i, err));
             break;
         }
     }
-    let err = match failed {
-        Some(err) => err,
-        None => grow.commit().await.unwrap_err(),
-    };
+    // The fourth write fills the 256 KiB batch, which cannot fit.
+    let (at, err) = failed.expect("a write must fail");
+    assert_eq!(at, 3);
     assert_eq!(err.kind(), ErrorKind::NoSpace);
     assert_eq!(err.raw_os_error(), None);
     drop(held);
@@ -288,11 +286,7 @@ async fn the_index_after_a_restart_matches_the_disk() {
         .await
         .unwrap();
     assert_eq!(common::temp_files(dir.path()), 1);
-    // The second batch reserves on the blocking pool; wait for it.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while backend.usage().bytes_reserved < 600 * 1024 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // Each batch is reserved before its write returns.
     let before = backend.usage();
     assert!(before.evictions > 0);
     assert!(before.bytes_reserved >= 600 * 1024, "{before:?}");
