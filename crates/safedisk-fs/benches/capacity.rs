@@ -19,7 +19,9 @@
 //! `SAFEDISK_BENCH_DIR` (default: the system temp dir),
 //! `SAFEDISK_BENCH_ROUNDS` (default 7), `SAFEDISK_BENCH_SIZES`
 //! (comma-separated bytes; default 65536,1048576),
-//! `SAFEDISK_BENCH_OPEN_ENTRIES` (default 100000; 0 skips).
+//! `SAFEDISK_BENCH_OPEN_ENTRIES` (default 100000; 0 skips),
+//! `SAFEDISK_BENCH_AA=1` (the "limited" backend gets no limit: an A/A run
+//! that shows the bias of the setup itself).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -79,11 +81,12 @@ fn options() -> FsOptions {
 }
 
 async fn throughput(dir: &Path, size: usize, rounds: usize) {
-    let limited = FsBackend::open(
-        dir.join(format!("limited-{size}")),
-        options().max_size(LIMIT),
-    )
-    .unwrap();
+    let limited_options = if std::env::var_os("SAFEDISK_BENCH_AA").is_some() {
+        options()
+    } else {
+        options().max_size(LIMIT)
+    };
+    let limited = FsBackend::open(dir.join(format!("limited-{size}")), limited_options).unwrap();
     let unlimited = FsBackend::open(dir.join(format!("unlimited-{size}")), options()).unwrap();
     let data = Bytes::from(
         (0..size)
