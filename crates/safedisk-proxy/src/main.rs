@@ -65,13 +65,19 @@ fn parse_upstream(value: &str) -> Result<(Ecosystem, url::Url), String> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The drill provokes thousands of cache failures on purpose; their log
+    // lines would bury its progress. `RUST_LOG` still turns them on.
+    let default_filter = match cli.command {
+        Command::Serve(_) => "info",
+        Command::Drill(_) => "off",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -48,6 +48,12 @@ pub const DEFAULT_LAG_POLICY: LagPolicy = LagPolicy::Hold {
     max_total: Duration::from_secs(1),
 };
 
+/// Default length of the listen queue: 1024 connections.
+///
+/// tokio's own default (128) overflows when a few hundred clients connect at
+/// once, and a dropped connection attempt is retried only a second later.
+pub const DEFAULT_ACCEPT_BACKLOG: u32 = 1024;
+
 /// Default time a client has to send its request headers: 10 s.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -82,6 +88,8 @@ pub struct ProxyConfig {
     /// How long an idle upstream connection is kept. Default:
     /// [`DEFAULT_POOL_IDLE_TIMEOUT`].
     pub pool_idle_timeout: Duration,
+    /// Length of the listen queue. Default: [`DEFAULT_ACCEPT_BACKLOG`].
+    pub accept_backlog: u32,
     /// Time a client has to send its headers. Default:
     /// [`DEFAULT_HEADER_TIMEOUT`].
     pub header_timeout: Duration,
@@ -101,6 +109,7 @@ impl Default for ProxyConfig {
             read_timeout: DEFAULT_READ_TIMEOUT,
             pool_idle_per_host: DEFAULT_POOL_IDLE_PER_HOST,
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+            accept_backlog: DEFAULT_ACCEPT_BACKLOG,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
         }
@@ -238,7 +247,7 @@ pub async fn start(
         .fallback(not_found)
         .with_state(state.clone());
 
-    let listener = TcpListener::bind(config.listen).await?;
+    let listener = listen(config.listen, config.accept_backlog)?;
     let addr = listener.local_addr()?;
     let (shutdown, stop) = watch::channel(false);
     let task = tokio::spawn(serve(listener, router, config, stop));
@@ -251,6 +260,17 @@ pub async fn start(
         task,
         state,
     })
+}
+
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// Accepts connections until told to stop, then waits for the open ones.

@@ -31,6 +31,27 @@ use crate::manifest::{Manifest, is_fill_id};
 
 const NAME: &str = "s3";
 
+/// How long an abandoned fill lets part uploads already sent finish before
+/// it aborts the upload: 500 ms.
+///
+/// An abort that overtakes a part still being stored leaves that part
+/// behind (S3 documents that an abort may need repeating for this reason),
+/// so the abort waits for parts in flight first. Parts still running after
+/// this are cancelled and, if the server stores them anyway, left to the
+/// bucket's lifecycle rule. Kept short because a tee that holds its client
+/// while the cache lags would hold it this long too.
+pub const PART_SETTLE_GRACE: Duration = Duration::from_millis(500);
+
+type Parts = JoinSet<object_store::Result<()>>;
+
+/// Lets the part uploads in flight finish, for at most
+/// [`PART_SETTLE_GRACE`]; cancels the rest. Their outcome does not matter:
+/// the upload is about to be aborted.
+async fn settle(mut parts: Parts) {
+    let drained = async { while parts.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(PART_SETTLE_GRACE, drained).await;
+}
+
 /// A SafeDisk backend over any [`ObjectStore`].
 ///
 /// See the [crate documentation](crate) for the layout under the prefix, what
@@ -686,12 +707,13 @@ impl ObjectStoreWriter {
         self.stage = Stage::Finished;
     }
 
-    /// Releases memory and cancels part uploads; what remains in the store
-    /// is up to the caller.
-    fn release(&mut self) {
-        self.parts.abort_all();
+    /// Releases buffered memory and hands back the part uploads in flight,
+    /// for the caller to settle before aborting (or to drop, cancelling
+    /// them).
+    fn release(&mut self) -> Parts {
         self.buffer = VecDeque::new();
         self.buffered = 0;
+        std::mem::take(&mut self.parts)
     }
 }
 
@@ -721,7 +743,7 @@ impl CacheWriter for ObjectStoreWriter {
         let (written, replaced) = futures::join!(self.finish_data(), replaced);
 
         if let Err(err) = written {
-            self.release();
+            settle(self.release()).await;
             if let Some(mut upload) = self.upload.take()
                 && let Err(abort) = upload.abort().await
             {
@@ -738,7 +760,7 @@ impl CacheWriter for ObjectStoreWriter {
     }
 
     async fn abort(mut self: Box<Self>) -> Result<(), CacheError> {
-        self.release();
+        settle(self.release()).await;
         let stage = std::mem::replace(&mut self.stage, Stage::Finished);
 
         if let Some(mut upload) = self.upload.take() {
@@ -758,8 +780,9 @@ impl CacheWriter for ObjectStoreWriter {
 
     fn crash(mut self: Box<Self>) {
         // A killed process leaves its multipart upload open and any
-        // completed, unpublished data object in place.
-        self.release();
+        // completed, unpublished data object in place; its requests die
+        // with it.
+        drop(self.release());
         self.upload = None;
         self.stage = Stage::Finished;
     }
@@ -767,7 +790,7 @@ impl CacheWriter for ObjectStoreWriter {
 
 impl Drop for ObjectStoreWriter {
     fn drop(&mut self) {
-        self.release();
+        let parts = self.release();
         let stage = std::mem::replace(&mut self.stage, Stage::Finished);
         let upload = self.upload.take();
         let delete_data = stage == Stage::DataWritten;
@@ -782,6 +805,7 @@ impl Drop for ObjectStoreWriter {
         let key = self.key.clone();
         let data_path = self.data_path.clone();
         self.runtime.spawn(async move {
+            settle(parts).await;
             if let Some(mut upload) = upload
                 && let Err(err) = upload.abort().await
             {

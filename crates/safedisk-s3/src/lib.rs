@@ -66,18 +66,20 @@
 //!
 //! # Abort, drop and crashes
 //!
-//! - [`abort`](safedisk_core::CacheWriter::abort) cancels part uploads in
-//!   flight, frees the buffers, and aborts the multipart upload (or deletes a
-//!   completed, unpublished data object), reporting any failure. An abort
-//!   that [`Fill`](safedisk_core::Fill) cuts off at its idle deadline (the
-//!   store has stopped answering) is not retried in the background: the
-//!   connection is released at once and the upload is left to the
-//!   lifecycle rule.
-//! - **Drop** without commit or abort cancels part uploads and frees buffers
-//!   at once, and hands the abort request to a task on the tokio runtime the
-//!   fill began on. If that runtime has shut down, the task never runs and
-//!   the incomplete upload stays in the bucket until its lifecycle rule
-//!   removes it.
+//! - [`abort`](safedisk_core::CacheWriter::abort) frees the buffers, lets
+//!   part uploads already in flight finish for at most
+//!   [`PART_SETTLE_GRACE`] (an abort that overtakes a part being stored
+//!   would leave that part behind), then aborts the multipart upload (or
+//!   deletes a completed, unpublished data object), reporting any failure.
+//!   An abort that [`Fill`](safedisk_core::Fill) cuts off at its idle
+//!   deadline (the store has stopped answering) is not retried in the
+//!   background: the connection is released at once and the upload is left
+//!   to the lifecycle rule.
+//! - **Drop** without commit or abort frees buffers at once and hands the
+//!   rest to a task on the tokio runtime the fill began on: it lets parts
+//!   in flight settle the same way, then aborts. If that runtime has shut
+//!   down, the task never runs, the parts are cancelled, and the incomplete
+//!   upload stays in the bucket until its lifecycle rule removes it.
 //! - [`crash`](safedisk_core::CacheWriter::crash) frees memory and cancels
 //!   part uploads but leaves the upload open, as a killed process would.
 //! - [`pending`](safedisk_core::CacheBackend::pending) counts this process's
@@ -147,7 +149,7 @@ mod options;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use backend::ObjectStoreBackend;
+pub use backend::{ObjectStoreBackend, PART_SETTLE_GRACE};
 pub use error::classify;
 pub use options::{
     DEFAULT_ORPHAN_GRACE, DEFAULT_PART_SIZE, DEFAULT_PARTS_IN_FLIGHT, MAX_PART_SIZE, MIN_PART_SIZE,
