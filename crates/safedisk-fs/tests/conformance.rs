@@ -1,5 +1,5 @@
-//! The testkit's conformance suite against the disk backend with
-//! durability off. Each check gets a fresh root; its reopen opens a
+//! The testkit's conformance suite against the disk backend, with
+//! durability on and off. Each check gets a fresh root; its reopen opens a
 //! second instance on the same root, as a restarted process would.
 
 use std::path::PathBuf;
@@ -29,4 +29,14 @@ fn subject(durability: Durability) -> Subject {
         .keep_alive(dir)
 }
 
-safedisk_testkit::conformance_tests!(|| async { subject(Durability::NoSync) });
+mod durable {
+    use super::*;
+
+    safedisk_testkit::conformance_tests!(|| async { subject(Durability::Durable) });
+}
+
+mod no_sync {
+    use super::*;
+
+    safedisk_testkit::conformance_tests!(|| async { subject(Durability::NoSync) });
+}
