@@ -144,7 +144,6 @@ async fn run(rounds: usize, mib: usize) {
         ProxyConfig::new().upstream(Ecosystem::Npm, base),
         backend.clone(),
     )
-    .await
     .expect("proxy");
     let client = reqwest::Client::builder()
         .no_proxy()

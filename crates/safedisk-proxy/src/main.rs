@@ -108,7 +108,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     for (ecosystem, url) in args.upstreams {
         config = config.upstream(ecosystem, url);
     }
-    let proxy = match server::start(config, backend).await {
+    let proxy = match server::start(config, backend) {
         Ok(proxy) => proxy,
         Err(err) => {
             eprintln!("safedisk-proxy: cannot listen on {}: {err}", args.listen);

@@ -212,16 +212,18 @@ impl RunningProxy {
     }
 }
 
-/// Starts the proxy over `backend`.
+/// Starts the proxy over `backend`, serving on a task of the current tokio
+/// runtime.
+///
+/// # Panics
+///
+/// Outside a tokio runtime.
 ///
 /// # Errors
 ///
 /// When the listen address cannot be bound or the HTTP client cannot be
 /// built.
-pub async fn start(
-    config: ProxyConfig,
-    backend: Arc<dyn CacheBackend>,
-) -> std::io::Result<RunningProxy> {
+pub fn start(config: ProxyConfig, backend: Arc<dyn CacheBackend>) -> std::io::Result<RunningProxy> {
     let client = reqwest::Client::builder()
         .connect_timeout(config.connect_timeout)
         .read_timeout(config.read_timeout)

@@ -239,9 +239,7 @@ async fn an_unreachable_upstream_is_a_502() {
         safedisk_proxy::ecosystem::Ecosystem::Npm,
         dead.parse().unwrap(),
     );
-    let proxy = safedisk_proxy::server::start(config_upstream, backend)
-        .await
-        .unwrap();
+    let proxy = safedisk_proxy::server::start(config_upstream, backend).unwrap();
     let _ = upstream;
 
     let target = format!("http://{}/npm/a/-/a-1.0.0.tgz", proxy.addr());

@@ -505,7 +505,7 @@ impl Front {
     }
 }
 
-async fn start_front(rig: &Rig, scenario: &Scenario, cache: &Cache) -> Result<Front, String> {
+fn start_front(rig: &Rig, scenario: &Scenario, cache: &Cache) -> Result<Front, String> {
     let fault = scenario.fault;
     let upstreams: BTreeMap<Ecosystem, url::Url> = scenario
         .ecosystems
@@ -523,7 +523,6 @@ async fn start_front(rig: &Rig, scenario: &Scenario, cache: &Cache) -> Result<Fr
                 config = config.upstream(ecosystem, base);
             }
             server::start(config, cache.backend.clone())
-                .await
                 .map(Front::SafeDisk)
                 .map_err(|e| format!("proxy: {e}"))
         }
@@ -703,7 +702,7 @@ pub async fn run(rig: &Rig, scenario: Scenario) -> Outcome {
             return outcome;
         }
     };
-    let front = match start_front(rig, &scenario, &cache).await {
+    let front = match start_front(rig, &scenario, &cache) {
         Ok(front) => front,
         Err(why) => {
             outcome.skipped = Some(why);

@@ -166,7 +166,7 @@ pub async fn proxy(
         let url = format!("http://{}/{}/", upstream.addr, eco.as_str());
         config = config.upstream(eco, url.parse().unwrap());
     }
-    server::start(configure(config), backend).await.unwrap()
+    server::start(configure(config), backend).unwrap()
 }
 
 /// One artifact path and one metadata path per ecosystem.
