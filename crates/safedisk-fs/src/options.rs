@@ -64,8 +64,10 @@ impl SpaceFloor {
 /// let options = FsOptions::new()
 ///     .durability(Durability::NoSync)
 ///     .space_floor(SpaceFloor::Bytes(64 << 20))
-///     .verify_on_read(true);
+///     .verify_on_read(true)
+///     .max_size(20 << 30);
 /// assert_eq!(options.write_buffer, 256 * 1024);
+/// assert_eq!(options.max_size, Some(20 << 30));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
