@@ -24,6 +24,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -317,6 +318,12 @@ impl Capacity {
     }
 }
 
+/// Sixteenths of the limit above which a pass evicts ahead of need.
+pub(crate) const AHEAD_HIGH: u64 = 15;
+
+/// Sixteenths of the limit such a pass evicts down to.
+pub(crate) const AHEAD_LOW: u64 = 14;
+
 impl State {
     fn insert(&mut self, file: String, mut slot: Slot) {
         self.clock += 1;
@@ -420,6 +427,45 @@ impl Root {
                 state.unlinked(victim.slot, true);
             }
             capacity.freed.notify_all();
+        }
+    }
+
+    /// Evicts ahead of need, so that fills seldom have to evict, and
+    /// wait, themselves: when entries, reservations and readers' space
+    /// pass [`AHEAD_HIGH`] sixteenths of the limit, least-recently-used
+    /// entries are taken out of the index at once (down to [`AHEAD_LOW`]
+    /// sixteenths) and unlinked by a task on the blocking pool. Their space
+    /// counts as `freeing` until then.
+    pub(crate) fn evict_ahead(self: &Arc<Self>) {
+        let capacity = &self.capacity;
+        let Some(limit) = capacity.limit else {
+            return;
+        };
+        let mut state = capacity.lock();
+        // Space already being freed is left out: another pass has it.
+        let kept = state.used + state.reserved + state.held;
+        if kept <= limit / 16 * AHEAD_HIGH {
+            return;
+        }
+        let victims = state.pick(kept - limit / 16 * AHEAD_LOW);
+        drop(state);
+        if victims.is_empty() {
+            return;
+        }
+
+        let root = self.clone();
+        let pass = move || {
+            root.evict(&victims);
+            let mut state = root.capacity.lock();
+            for victim in &victims {
+                state.unlinked(victim.slot, true);
+            }
+            drop(state);
+            root.capacity.freed.notify_all();
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(pass)),
+            Err(_) => pass(),
         }
     }
 

@@ -111,10 +111,16 @@
 //!    free-space floor is checked; a fill of unknown length reserves what
 //!    each batch of writes adds, before that batch reaches the disk. At
 //!    commit the reservation becomes the file's real allocated size.
-//! 2. A reservation that does not fit evicts least-recently-used entries
-//!    first. The unlinks run on the blocking pool, in the step that
-//!    needed the room (never on an async worker thread), and each pass
-//!    logs one `tracing` event with the entries and bytes removed.
+//! 2. Eviction runs ahead of need: when a commit leaves entries,
+//!    reservations and readers' space above 15/16 of the limit, the least
+//!    recently used entries are taken out of the index (down to 14/16)
+//!    and a task on the blocking pool unlinks them; their space counts
+//!    until it has. A reservation that still does not fit evicts
+//!    least-recently-used entries itself, unlinking them on the blocking
+//!    pool in the step that needed the room (never on an async worker
+//!    thread). Each pass logs one `tracing` event with the entries and
+//!    bytes removed. So a full cache holds between 14/16 and all of the
+//!    limit.
 //! 3. When eviction cannot make room, because what is left is reserved
 //!    by fills in flight or held by readers, the fill fails with
 //!    [`NoSpace`](ErrorKind::NoSpace) and no OS error code: at begin

@@ -108,6 +108,8 @@ pub struct FsOptions {
     /// in whole blocks; when a reservation would pass the limit, the least
     /// recently used entries are evicted first, and when that cannot make
     /// room the fill fails with `NoSpace` before its bytes reach the disk.
+    /// Eviction also runs ahead of need, on the blocking pool, once more
+    /// than 15/16 of the limit is taken (down to 14/16).
     /// Temp files left by dead writers are not counted. The
     /// [`space_floor`](Self::space_floor) applies on top. Default: `None`,
     /// no limit (entries are still indexed, for

@@ -381,6 +381,7 @@ impl CacheWriter for FsWriter {
                 Slot::of(&stat),
             )
             .map_err(fail)?;
+            root.evict_ahead();
             temp.mark_published();
             Ok(())
         })

@@ -7,6 +7,7 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{Tmpfs, content, get_bytes, key, put, read_all};
@@ -32,6 +33,23 @@ fn on_disk(root: &Path) -> (u64, u64) {
         }
     }
     (files, bytes)
+}
+
+/// Waits until evicted entries are unlinked: a commit may leave that to
+/// a pass on the blocking pool.
+async fn settle(backend: &FsBackend) -> safedisk_fs::FsUsage {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let usage = backend.usage();
+        if usage.bytes_freeing == 0 {
+            return usage;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "unlinks never finished: {usage:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 fn with_len(len: usize) -> WriteOptions {
@@ -69,10 +87,11 @@ async fn used_never_passes_the_limit_with_32_writers() {
 
                 let usage = backend.usage();
                 assert!(usage.bytes_used <= LIMIT, "{usage:?}");
-                assert!(
-                    usage.bytes_used + usage.bytes_reserved + usage.bytes_freeing <= LIMIT,
-                    "{usage:?}"
-                );
+                let counted = usage.bytes_used
+                    + usage.bytes_reserved
+                    + usage.bytes_freeing
+                    + usage.bytes_held_by_readers;
+                assert!(counted <= LIMIT, "{usage:?}");
             }
             written
         }));
@@ -83,7 +102,7 @@ async fn used_never_passes_the_limit_with_32_writers() {
     }
     assert!(total > 2 * LIMIT, "the workload must overflow the limit");
 
-    let usage = backend.usage();
+    let usage = settle(&backend).await;
     assert!(usage.evictions > 0, "{usage:?}");
     assert_eq!(usage.bytes_reserved, 0);
     assert_eq!(usage.bytes_freeing, 0);
@@ -97,52 +116,62 @@ async fn used_never_passes_the_limit_with_32_writers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn most_recently_used_entries_are_kept() {
-    // 20 entries whose files take 68 KiB each: 15 fit under 1 MiB.
+    // Entries whose files take 68 KiB each: 13 stay under the point
+    // (15/16 of 1 MiB) where eviction ahead of need starts.
     const LEN: usize = 64 * 1024;
     let dir = tempfile::tempdir().unwrap();
     let backend = FsBackend::open(dir.path(), options(1 << 20)).unwrap();
+    let write = |i: u64| {
+        let backend = &backend;
+        async move {
+            let bytes = content(i, LEN);
+            put(
+                backend,
+                &key(&format!("e{i}")),
+                &bytes,
+                16_384,
+                with_len(LEN),
+            )
+            .await
+            .unwrap();
+        }
+    };
 
-    for i in 0..15 {
-        let bytes = content(i, LEN);
-        put(
-            &backend,
-            &key(&format!("e{i}")),
-            &bytes,
-            16_384,
-            with_len(LEN),
-        )
-        .await
-        .unwrap();
+    for i in 0..13 {
+        write(i).await;
     }
     assert_eq!(backend.usage().evictions, 0);
 
     // Reading e0 makes it the most recently used; e1 is now the oldest.
     assert!(get_bytes(&backend, &key("e0")).await.unwrap().is_some());
-    for i in 15..20 {
-        let bytes = content(i, LEN);
-        put(
-            &backend,
-            &key(&format!("e{i}")),
-            &bytes,
-            16_384,
-            with_len(LEN),
-        )
-        .await
-        .unwrap();
+    for i in 13..20 {
+        write(i).await;
     }
 
-    let mut kept = Vec::new();
-    for i in 0..20 {
-        if let Some(bytes) = get_bytes(&backend, &key(&format!("e{i}"))).await.unwrap() {
-            assert_eq!(bytes, content(i, LEN));
-            kept.push(i);
-        }
-    }
+    // Look on disk (a get would count as a use).
+    let usage = settle(&backend).await;
+    assert_eq!(on_disk(dir.path()).0, usage.entries);
+    let kept: Vec<u64> = (0..20)
+        .filter(|&i| common::entry_file(dir.path(), &key(&format!("e{i}"))).exists())
+        .collect();
+
+    // By last use the order is e1..e12, e0, e13..e19: what is kept is
+    // the newest part of that order.
+    let order: Vec<u64> = (1..13).chain([0]).chain(13..20).collect();
+    let first_kept = order.iter().position(|i| kept.contains(i)).unwrap();
+    let mut expected = order[first_kept..].to_vec();
+    expected.sort_unstable();
     assert_eq!(
-        kept,
-        [0, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+        kept, expected,
+        "kept entries are not the most recently used"
     );
-    assert_eq!(backend.usage().evictions, 5);
+    assert!(kept.contains(&0));
+    assert!((12..=15).contains(&kept.len()), "{kept:?}");
+    assert_eq!(usage.evictions, 20 - kept.len() as u64);
+    for &i in &kept {
+        let bytes = get_bytes(&backend, &key(&format!("e{i}"))).await.unwrap();
+        assert!(bytes == Some(content(i, LEN)), "e{i}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,7 +316,7 @@ async fn the_index_after_a_restart_matches_the_disk() {
         .unwrap();
     assert_eq!(common::temp_files(dir.path()), 1);
     // Each batch is reserved before its write returns.
-    let before = backend.usage();
+    let before = settle(&backend).await;
     assert!(before.evictions > 0);
     assert!(before.bytes_reserved >= 600 * 1024, "{before:?}");
     assert_eq!(on_disk(dir.path()), (before.entries, before.bytes_used));
@@ -374,7 +403,7 @@ async fn a_full_limit_never_lets_the_filesystem_fill() {
         refused += r;
     }
 
-    let usage = backend.usage();
+    let usage = settle(&backend).await;
     println!("committed {committed}, refused {refused}, {usage:?}");
     assert!(
         usage.evictions > 0,
