@@ -82,12 +82,29 @@ impl CacheSpec {
     /// # Errors
     ///
     /// The backend's own error, as text, when it cannot be opened.
-    pub fn open(&self, s3: &S3Settings, idle: Duration) -> Result<Arc<dyn CacheBackend>, String> {
+    ///
+    /// `max_size` limits a directory cache, evicting least-recently-used
+    /// entries to stay under it; an S3 cache refuses it (use a bucket
+    /// lifecycle rule there).
+    pub fn open(
+        &self,
+        s3: &S3Settings,
+        idle: Duration,
+        max_size: Option<u64>,
+    ) -> Result<Arc<dyn CacheBackend>, String> {
         match self {
             Self::Dir(dir) => {
-                let backend = FsBackend::open(dir, FsOptions::new()).map_err(|e| e.to_string())?;
+                let mut options = FsOptions::new();
+                if let Some(bytes) = max_size {
+                    options = options.max_size(bytes);
+                }
+                let backend = FsBackend::open(dir, options).map_err(|e| e.to_string())?;
                 Ok(Arc::new(backend))
             }
+            Self::S3 { .. } if max_size.is_some() => Err(
+                "--max-size applies to a directory cache; limit an s3 cache with a bucket lifecycle rule"
+                    .to_owned(),
+            ),
             Self::S3 { bucket, prefix } => {
                 let mut builder = AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)

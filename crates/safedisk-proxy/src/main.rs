@@ -46,6 +46,10 @@ struct ServeArgs {
     /// Allow plain HTTP to the S3 endpoint.
     #[arg(long)]
     s3_allow_http: bool,
+    /// Largest size of a directory cache in bytes; least-recently-used
+    /// entries are evicted to stay under it (default: no limit).
+    #[arg(long)]
+    max_size: Option<u64>,
     /// Idle deadline of each cache write, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     idle_deadline_ms: u64,
@@ -95,7 +99,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     s3.endpoint = args.s3_endpoint;
     s3.region = args.s3_region;
     s3.allow_http = args.s3_allow_http;
-    let backend = match args.cache.open(&s3, idle) {
+    let backend = match args.cache.open(&s3, idle, args.max_size) {
         Ok(backend) => backend,
         Err(err) => {
             eprintln!("safedisk-proxy: cannot open the cache: {err}");
