@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::format::{self, Header, HeaderError};
 use crate::root::{EntryPath, Root};
-use crate::{NAME, blocking, io_error};
+use crate::{NAME, blocking, io_error, joined};
 
 /// Bytes read with the header in the first call: a header at its limit,
 /// and small entries whole.
@@ -20,6 +20,8 @@ const PREFETCH: usize = 128 * 1024;
 
 /// Bytes per read after the first.
 const READ_CHUNK: usize = 256 * 1024;
+
+type Read = tokio::task::JoinHandle<Result<Bytes, CacheError>>;
 
 /// An entry opened and its header checked. Blocking.
 pub(crate) struct Opened {
@@ -168,6 +170,8 @@ pub(crate) async fn into_entry(
         file,
         offset: header.header_len + in_first,
         remaining: summary.len - in_first,
+        undelivered: summary.len,
+        ahead: None,
         first: (!first.is_empty()).then_some(first),
         hasher: (verify && in_first < summary.len).then(Sha256::new),
         expected: summary.sha256,
@@ -184,8 +188,14 @@ struct Body {
     root: Arc<Root>,
     key: CacheKey,
     file: Arc<File>,
+    /// Where the next read starts, and how many bytes no read has asked
+    /// for yet.
     offset: u64,
     remaining: u64,
+    /// Bytes not yet handed to the reader.
+    undelivered: u64,
+    /// The next chunk, being read while the reader sends the last one.
+    ahead: Option<Read>,
     first: Option<Bytes>,
     hasher: Option<Sha256>,
     expected: [u8; 32],
@@ -210,34 +220,49 @@ impl Body {
         }))
     }
 
+    /// Starts reading the next chunk on the blocking pool, if any is left.
+    fn read_ahead(&mut self) -> Option<Read> {
+        if self.remaining == 0 {
+            return None;
+        }
+        let n = self.remaining.min(READ_CHUNK as u64) as usize;
+        let (file, offset, key) = (self.file.clone(), self.offset, self.key.clone());
+        self.offset += n as u64;
+        self.remaining -= n as u64;
+        Some(tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; n];
+            file.read_exact_at(&mut buf, offset).map_err(|e| {
+                CacheError::from_io(e, Operation::Get, NAME)
+                    .with_key(&key)
+                    .with_detail("entry shorter than its header says")
+            })?;
+            Ok(Bytes::from(buf))
+        }))
+    }
+
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, CacheError> {
+        // One read stays in flight ahead of the reader, so the disk and the
+        // reader's socket work at the same time.
         let chunk = if let Some(first) = self.first.take() {
             first
-        } else if self.remaining == 0 {
-            return Ok(None);
         } else {
-            let n = self.remaining.min(READ_CHUNK as u64) as usize;
-            let file = self.file.clone();
-            let offset = self.offset;
-            let key = self.key.clone();
-            let chunk = blocking(Operation::Get, &self.key, move || {
-                let mut buf = vec![0u8; n];
-                file.read_exact_at(&mut buf, offset).map_err(|e| {
-                    CacheError::from_io(e, Operation::Get, NAME)
-                        .with_key(&key)
-                        .with_detail("entry shorter than its header says")
-                })?;
-                Ok(Bytes::from(buf))
-            })
-            .await?;
-            self.offset += n as u64;
-            self.remaining -= n as u64;
-            chunk
+            let read = match self.ahead.take() {
+                Some(read) => read,
+                None => match self.read_ahead() {
+                    Some(read) => read,
+                    None => return Ok(None),
+                },
+            };
+            joined(read.await, Operation::Get, &self.key)?
         };
+        if self.ahead.is_none() {
+            self.ahead = self.read_ahead();
+        }
+        self.undelivered -= chunk.len() as u64;
 
         if let Some(hasher) = &mut self.hasher {
             hasher.update(&chunk);
-            if self.remaining == 0 {
+            if self.undelivered == 0 {
                 let digest: [u8; 32] = std::mem::take(hasher).finalize().into();
                 if digest != self.expected {
                     return Err(self.corrupt().await);
