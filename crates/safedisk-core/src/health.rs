@@ -131,6 +131,19 @@ enum State {
     HalfOpen { probing: bool },
 }
 
+impl State {
+    /// What callers see: an open breaker whose cooldown has passed is
+    /// half-open.
+    fn public(self) -> BreakerState {
+        match self {
+            State::Closed => BreakerState::Closed,
+            State::Open { until } if Instant::now() >= until => BreakerState::HalfOpen,
+            State::Open { .. } => BreakerState::Open,
+            State::HalfOpen { .. } => BreakerState::HalfOpen,
+        }
+    }
+}
+
 impl Health {
     /// A closed breaker with zeroed counters. `backend` names the cache in
     /// log events.
@@ -233,20 +246,14 @@ impl Health {
     /// The breaker's state now. An open breaker whose cooldown has passed
     /// reads as half-open.
     pub fn state(&self) -> BreakerState {
-        match self.lock().state {
-            State::Closed => BreakerState::Closed,
-            State::Open { until } if Instant::now() >= until => BreakerState::HalfOpen,
-            State::Open { .. } => BreakerState::Open,
-            State::HalfOpen { .. } => BreakerState::HalfOpen,
-        }
+        self.lock().state.public()
     }
 
-    /// A copy of the state and counters.
+    /// A copy of the state and counters, taken at one moment.
     pub fn snapshot(&self) -> HealthSnapshot {
-        let state = self.state();
         let inner = self.lock();
         HealthSnapshot {
-            state,
+            state: inner.state.public(),
             consecutive_failures: inner.consecutive,
             committed: inner.committed,
             bytes_committed: inner.bytes_committed,

@@ -355,6 +355,12 @@ struct Link {
 }
 
 impl Link {
+    /// Tells the cache task the body is complete: it commits.
+    fn finish(self) {
+        let _ = self.chunks.send(Message::End(self.cancel));
+    }
+
+    /// Tells the cache task to abandon the fill.
     fn abandon(self, reason: AbandonReason) {
         let _ = self.cancel.send(reason);
     }
@@ -668,7 +674,7 @@ where
                     })));
                 }
                 if let Some(link) = this.link.take() {
-                    let _ = link.chunks.send(Message::End(link.cancel));
+                    link.finish();
                 }
                 Poll::Ready(None)
             }
@@ -722,7 +728,7 @@ where
         // (Bytes past the declared length, had they been polled, would have
         // ended the fill as `UpstreamLength`.)
         if self.expected_len == Some(self.received) && self.held.is_none() {
-            let _ = link.chunks.send(Message::End(link.cancel));
+            link.finish();
             return;
         }
 
@@ -788,9 +794,7 @@ where
         let verdict = tokio::time::timeout(deadline, self.pump()).await;
         let verdict = verdict.unwrap_or(Err(AbandonReason::BackgroundBudget));
         match verdict {
-            Ok(()) => {
-                let _ = self.link.chunks.send(Message::End(self.link.cancel));
-            }
+            Ok(()) => self.link.finish(),
             Err(reason) => self.link.abandon(reason),
         }
     }
