@@ -12,8 +12,8 @@
 //!   disk gives real `500` answers.
 //! - [`TcpRelay`]: a loopback TCP relay in front of a server that can be told
 //!   to stop answering, for a server that hangs mid-request.
-//! - [`established_connections`]: counts ESTABLISHED TCP connections to a
-//!   port from `/proc/net/tcp` and `/proc/net/tcp6`, for leak checks.
+//!
+//! Leak checks count connections with `safedisk_testkit::probe`.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -355,60 +355,5 @@ async fn pump(
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
-    }
-}
-
-/// ESTABLISHED TCP connections with `port` at either end, counted from
-/// `/proc/net/tcp` and `/proc/net/tcp6` (both ends of a loopback connection
-/// count, so one client connection to a local server counts twice).
-///
-/// # Errors
-///
-/// Failure to read `/proc/net/tcp`; a missing `tcp6` table counts as empty.
-pub fn established_connections(port: u16) -> io::Result<usize> {
-    let mut count = 0;
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = match std::fs::read_to_string(table) {
-            Ok(text) => text,
-            Err(err) if table.ends_with('6') && err.kind() == io::ErrorKind::NotFound => continue,
-            Err(err) => return Err(err),
-        };
-        count += text
-            .lines()
-            .skip(1)
-            .filter(|line| is_established_on(line, port))
-            .count();
-    }
-    Ok(count)
-}
-
-/// One `/proc/net/tcp` row: `sl local rem st ...`, addresses as
-/// `HEXIP:HEXPORT`, state `01` for ESTABLISHED.
-fn is_established_on(line: &str, port: u16) -> bool {
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    let [_, local, remote, state, ..] = fields.as_slice() else {
-        return false;
-    };
-    let port_of = |addr: &str| {
-        addr.rsplit(':')
-            .next()
-            .and_then(|p| u16::from_str_radix(p, 16).ok())
-    };
-    *state == "01" && (port_of(local) == Some(port) || port_of(remote) == Some(port))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proc_rows_are_parsed() {
-        let row =
-            "   0: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000 0 0 1";
-        assert!(is_established_on(row, 0x1F90));
-        assert!(is_established_on(row, 0xC350));
-        assert!(!is_established_on(row, 80));
-        let listening = row.replace(" 01 ", " 0A ");
-        assert!(!is_established_on(&listening, 0x1F90));
     }
 }

@@ -14,8 +14,9 @@ use safedisk_core::{
     AbandonReason, BreakerConfig, Cache, CacheBackend, CacheKey, ErrorKind, FillOutcome, LagPolicy,
     TeePolicy, WriteOptions,
 };
-use safedisk_s3::testing::{S3TestServer, TcpRelay, established_connections};
+use safedisk_s3::testing::{S3TestServer, TcpRelay};
 use safedisk_s3::{MIN_PART_SIZE, ObjectStoreBackend, S3Options};
+use safedisk_testkit::probe;
 use tokio::time::Instant;
 
 const MIB: usize = 1024 * 1024;
@@ -234,10 +235,14 @@ async fn a_server_that_stops_answering_is_abandoned_at_the_idle_deadline() {
     let backend = ObjectStoreBackend::new(Arc::new(store), "cache", options).unwrap();
     let cache = cache(backend.clone());
     let ports = [relay.addr().port(), server.addr().port()];
+    assert!(
+        std::path::Path::new("/proc/net/tcp").exists(),
+        "connections are counted from /proc/net/tcp"
+    );
     let connections = move || {
         ports
             .iter()
-            .map(|&port| established_connections(port).unwrap())
+            .map(|&port| probe::established(port).len())
             .sum::<usize>()
     };
     let baseline = connections();

@@ -204,24 +204,28 @@ pub fn established(port: u16) -> Vec<String> {
             continue;
         };
         for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let [_, local, remote, state, ..] = fields[..] else {
-                continue;
-            };
-            // State 01 is TCP_ESTABLISHED.
-            if state != "01" {
-                continue;
-            }
-            let port_of = |addr: &str| {
-                addr.rsplit_once(':')
-                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
-            };
-            if port_of(local) == Some(port) || port_of(remote) == Some(port) {
-                found.push(format!("{local} -> {remote}"));
+            if let Some(pair) = established_on(line, port) {
+                found.push(pair);
             }
         }
     }
     found
+}
+
+/// One row of `/proc/net/tcp`: `sl local remote state ...`, addresses as
+/// `HEXIP:HEXPORT`, state `01` for ESTABLISHED. `local -> remote` when the
+/// row is established with `port` at either end.
+fn established_on(line: &str, port: u16) -> Option<String> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let [_, local, remote, state, ..] = fields[..] else {
+        return None;
+    };
+    let port_of = |addr: &str| {
+        addr.rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+    };
+    let ours = port_of(local) == Some(port) || port_of(remote) == Some(port);
+    (state == "01" && ours).then(|| format!("{local} -> {remote}"))
 }
 
 #[cfg(test)]
@@ -254,6 +258,17 @@ mod tests {
             .settled(&baseline, Duration::from_secs(2))
             .await
             .unwrap();
+    }
+
+    #[test]
+    fn proc_rows_are_parsed() {
+        let row =
+            "   0: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000 0 0 1";
+        assert!(established_on(row, 0x1F90).is_some());
+        assert!(established_on(row, 0xC350).is_some());
+        assert!(established_on(row, 80).is_none());
+        let listening = row.replace(" 01 ", " 0A ");
+        assert!(established_on(&listening, 0x1F90).is_none());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
