@@ -1,5 +1,7 @@
 //! The backend against a real S3 server (s3s-fs) on loopback.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,36 +10,17 @@ use futures::StreamExt;
 use object_store::aws::S3ConditionalPut;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use rand::{RngCore, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use safedisk_core::{
     CacheBackend, CacheError, CacheKey, EntryMetadata, ErrorKind, Fill, WriteMode, WriteOptions,
 };
 use safedisk_s3::testing::{BUCKET, S3TestServer};
 use safedisk_s3::{MIN_PART_SIZE, ObjectStoreBackend, S3Options};
+use support::body;
 
 const MIB: usize = 1024 * 1024;
 
 fn key(name: &str) -> CacheKey {
     CacheKey::new("npm", name).unwrap()
-}
-
-/// `len` bytes: a 64 KiB random tile repeated, each copy stamped with its
-/// index, so a misplaced or repeated part changes the bytes. (Random bytes
-/// throughout cost seconds per test in debug builds.)
-fn body(len: usize, seed: u64) -> Bytes {
-    const TILE: usize = 64 * 1024;
-    let mut tile = vec![0u8; TILE];
-    ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut tile);
-    let mut bytes = Vec::with_capacity(len);
-    let mut index = 0u64;
-    while bytes.len() < len {
-        tile[..8].copy_from_slice(&index.to_le_bytes());
-        let take = TILE.min(len - bytes.len());
-        bytes.extend_from_slice(&tile[..take]);
-        index += 1;
-    }
-    Bytes::from(bytes)
 }
 
 fn backend(store: Arc<dyn ObjectStore>) -> ObjectStoreBackend {

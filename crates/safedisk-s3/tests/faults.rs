@@ -1,6 +1,8 @@
 //! Real faults under the backend: the S3 server's disk fills up, and the
 //! server stops answering mid-upload. Clients of a tee never notice either.
 
+mod support;
+
 use std::path::Path as FsPath;
 use std::process::Command;
 use std::sync::Arc;
@@ -8,8 +10,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, stream};
-use rand::{RngCore, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use safedisk_core::{
     AbandonReason, BreakerConfig, Cache, CacheBackend, CacheKey, ErrorKind, FillOutcome, LagPolicy,
     TeePolicy, WriteOptions,
@@ -17,27 +17,10 @@ use safedisk_core::{
 use safedisk_s3::testing::{S3TestServer, TcpRelay};
 use safedisk_s3::{MIN_PART_SIZE, ObjectStoreBackend, S3Options};
 use safedisk_testkit::probe;
+use support::body;
 use tokio::time::Instant;
 
 const MIB: usize = 1024 * 1024;
-
-/// `len` bytes: a 64 KiB random tile repeated, each copy stamped with its
-/// index, so a misplaced or repeated part changes the bytes. (Random bytes
-/// throughout cost seconds per test in debug builds.)
-fn body(len: usize, seed: u64) -> Bytes {
-    const TILE: usize = 64 * 1024;
-    let mut tile = vec![0u8; TILE];
-    ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut tile);
-    let mut bytes = Vec::with_capacity(len);
-    let mut index = 0u64;
-    while bytes.len() < len {
-        tile[..8].copy_from_slice(&index.to_le_bytes());
-        let take = TILE.min(len - bytes.len());
-        bytes.extend_from_slice(&tile[..take]);
-        index += 1;
-    }
-    Bytes::from(bytes)
-}
 
 /// An upstream that yields `bytes` in 256 KiB chunks.
 fn upstream(bytes: &Bytes) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + use<> {
