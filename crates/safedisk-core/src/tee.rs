@@ -478,21 +478,12 @@ where
         },
     ));
 
-    let body = TeeBody {
-        upstream: Some(Box::pin(upstream)),
-        link: Some(Link {
-            chunks: chunks_tx,
-            permits,
-            cancel: cancel_tx,
-        }),
-        held: None,
-        policy,
-        expected_len,
-        received: 0,
-        hold_spent: Duration::ZERO,
-        runtime: Some(runtime),
-        finished: false,
+    let link = Link {
+        chunks: chunks_tx,
+        permits,
+        cancel: cancel_tx,
     };
+    let body = TeeBody::new(upstream, expected_len, policy, Some((link, runtime)));
     let handle = FillHandle {
         inner: HandleState::Running { task, progress },
     };
@@ -506,17 +497,7 @@ where
     S: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: Send + 'static,
 {
-    TeeBody {
-        upstream: Some(Box::pin(upstream)),
-        link: None,
-        held: None,
-        policy: TeePolicy::default(),
-        expected_len,
-        received: 0,
-        hold_spent: Duration::ZERO,
-        runtime: None,
-        finished: false,
-    }
+    TeeBody::new(upstream, expected_len, TeePolicy::default(), None)
 }
 
 impl<S, E> TeeBody<S, E>
@@ -524,6 +505,28 @@ where
     S: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: Send + 'static,
 {
+    /// A body over `upstream`, feeding the cache task behind `fill` (its
+    /// link, and the runtime a background finish would run on) if any.
+    fn new(
+        upstream: S,
+        expected_len: Option<u64>,
+        policy: TeePolicy,
+        fill: Option<(Link, Handle)>,
+    ) -> Self {
+        let (link, runtime) = fill.unzip();
+        Self {
+            upstream: Some(Box::pin(upstream)),
+            link,
+            held: None,
+            policy,
+            expected_len,
+            received: 0,
+            hold_spent: Duration::ZERO,
+            runtime,
+            finished: false,
+        }
+    }
+
     /// Bytes passed to the client so far.
     pub fn bytes_sent(&self) -> u64 {
         self.received
