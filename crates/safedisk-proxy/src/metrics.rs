@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use safedisk_core::{FillOutcome, HealthSnapshot};
+use safedisk_core::HealthSnapshot;
 
 /// Request counters, beside the cache's own [`HealthSnapshot`].
 #[derive(Debug, Default)]
@@ -46,7 +46,7 @@ impl Counters {
         bump(&self.upstream_errors);
     }
 
-    pub(crate) fn fill(&self, _outcome: &FillOutcome) {
+    pub(crate) fn fill_ended(&self) {
         bump(&self.fills_ended);
     }
 

@@ -564,11 +564,12 @@ async fn miss(
     let (body, fill) = state.cache.tee(&key, options, body_of(upstream)).await;
     let release = state.clone();
     tokio::spawn(async move {
-        let outcome = fill.await;
+        // The outcome itself is logged and counted by the cache's health.
+        let _outcome = fill.await;
         if let Ok(mut filling) = release.filling.lock() {
             filling.remove(&key);
         }
-        release.counters.fill(&outcome);
+        release.counters.fill_ended();
     });
     head.respond(Body::new(body), "miss")
 }
