@@ -31,13 +31,49 @@ pub(crate) struct Opened {
     first: Bytes,
 }
 
+/// How many times [`open`] tries again when the file it opened was
+/// replaced by an overwrite before its reader was registered.
+const REPLACED_RETRIES: usize = 16;
+
 /// Opens the entry of `key`; a corrupt one is removed and reported as
 /// `IntegrityMismatch`. Blocking.
+///
+/// An overwrite can replace the file between its open and the reader's
+/// registration. The old file is then unlinked and its space no longer
+/// counted, so it is not served: the path is opened again and the newer
+/// entry read instead. Readers thus see the old entry or the new one,
+/// never a miss, while an entry is being overwritten.
 pub(crate) fn open(root: &Arc<Root>, key: &CacheKey) -> Result<Option<Opened>, CacheError> {
+    for _ in 0..REPLACED_RETRIES {
+        match open_once(root, key)? {
+            Attempt::Missing => return Ok(None),
+            Attempt::Opened(opened) => return Ok(Some(opened)),
+            Attempt::Replaced => continue,
+        }
+    }
+    Err(CacheError::new(ErrorKind::Io, Operation::Get, NAME)
+        .with_key(key)
+        .with_transient(true)
+        .with_detail(format!(
+            "the entry was replaced {REPLACED_RETRIES} times while it was being opened"
+        )))
+}
+
+/// What one try of [`open`] found.
+enum Attempt {
+    /// No entry at the path.
+    Missing,
+    /// The entry, opened and registered.
+    Opened(Opened),
+    /// The file opened was unlinked before its reader was registered.
+    Replaced,
+}
+
+fn open_once(root: &Arc<Root>, key: &CacheKey) -> Result<Attempt, CacheError> {
     let fail = |err| io_error(err, Operation::Get, key);
     let path = EntryPath::of(key);
     let Some(file) = root.open_entry(&path).map_err(fail)? else {
-        return Ok(None);
+        return Ok(Attempt::Missing);
     };
 
     let size = file.metadata().map_err(fail)?.len();
@@ -57,13 +93,13 @@ pub(crate) fn open(root: &Arc<Root>, key: &CacheKey) -> Result<Option<Opened>, C
     };
 
     let Some(reading) = Reading::start(root, &path, &file).map_err(fail)? else {
-        return Ok(None);
+        return Ok(Attempt::Replaced);
     };
 
     let start = header.header_len as usize;
     let end = (start as u64 + header.summary.len).min(prefix.len() as u64) as usize;
     let first = Bytes::from(prefix).slice(start..end);
-    Ok(Some(Opened {
+    Ok(Attempt::Opened(Opened {
         file: Arc::new(file),
         reading,
         header,
@@ -82,8 +118,8 @@ pub(crate) struct Reading {
 
 impl Reading {
     /// Registers a reader of `file` and marks the entry as just used.
-    /// `None` when the file was unlinked already: the entry is gone, and
-    /// its space may no longer be counted.
+    /// `None` when the file was unlinked already (removed, evicted or
+    /// replaced by an overwrite): its space may no longer be counted.
     fn start(root: &Arc<Root>, path: &EntryPath, file: &File) -> io::Result<Option<Self>> {
         let stat = rustix::fs::fstat(file)?;
         root.capacity

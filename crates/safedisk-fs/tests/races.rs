@@ -109,3 +109,50 @@ async fn create_only_has_one_winner_durable() {
 async fn create_only_has_one_winner_nosync() {
     race(Durability::NoSync, WriteMode::CreateOnly).await;
 }
+
+/// Once an entry exists, overwriting it never makes it look absent: a
+/// reader that opens the file an overwrite is about to replace reads the
+/// newer entry instead of reporting a miss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overwrites_never_hide_the_entry() {
+    const OVERWRITES: u64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let options = FsOptions::new().durability(Durability::NoSync);
+    let backend = Arc::new(FsBackend::open(dir.path(), options).unwrap());
+    let key = key("overwritten");
+    // Small bodies keep each overwrite short, so renames land often while
+    // readers are between opening a file and registering as its reader.
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new((0..4).map(|w| content(w, 2_000)).collect());
+    put(&*backend, &key, &bodies[0], 2_000, WriteOptions::new())
+        .await
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (backend, bodies, key, stop) =
+                (backend.clone(), bodies.clone(), key.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut reads = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let bytes = get_bytes(&*backend, &key).await.unwrap();
+                    let bytes = bytes.expect("the entry vanished during an overwrite");
+                    assert!(bodies.contains(&bytes), "a read saw mixed or partial bytes");
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+
+    for n in 0..OVERWRITES {
+        let body = &bodies[(n % 4) as usize];
+        put(&*backend, &key, body, 700, WriteOptions::new())
+            .await
+            .unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for reader in readers {
+        assert!(reader.await.unwrap() > 0, "a reader never got to read");
+    }
+}
