@@ -47,7 +47,7 @@ pub(crate) fn open(root: &Arc<Root>, key: &CacheKey) -> Result<Option<Opened>, C
     for _ in 0..REPLACED_RETRIES {
         match open_once(root, key)? {
             Attempt::Missing => return Ok(None),
-            Attempt::Opened(opened) => return Ok(Some(opened)),
+            Attempt::Opened(opened) => return Ok(Some(*opened)),
             Attempt::Replaced => continue,
         }
     }
@@ -64,7 +64,7 @@ enum Attempt {
     /// No entry at the path.
     Missing,
     /// The entry, opened and registered.
-    Opened(Opened),
+    Opened(Box<Opened>),
     /// The file opened was unlinked before its reader was registered.
     Replaced,
 }
@@ -99,12 +99,12 @@ fn open_once(root: &Arc<Root>, key: &CacheKey) -> Result<Attempt, CacheError> {
     let start = header.header_len as usize;
     let end = (start as u64 + header.summary.len).min(prefix.len() as u64) as usize;
     let first = Bytes::from(prefix).slice(start..end);
-    Ok(Attempt::Opened(Opened {
+    Ok(Attempt::Opened(Box::new(Opened {
         file: Arc::new(file),
         reading,
         header,
         first,
-    }))
+    })))
 }
 
 /// A reader of an entry, as the size limit sees it: while it lives, the
