@@ -92,6 +92,26 @@ pub struct RecoveryReport {
     pub bytes: u64,
 }
 
+/// How much a backend holds, as reported by [`CacheBackend::usage`] for
+/// metrics.
+///
+/// Build one from [`Usage::default`] and set the fields the backend counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Usage {
+    /// Published entries.
+    pub entries: u64,
+    /// Space the published entries take, in bytes. A disk backend counts
+    /// allocated blocks, not lengths.
+    pub bytes_used: u64,
+    /// Space held by or promised to fills in flight, in bytes.
+    pub bytes_reserved: u64,
+    /// The most the backend will hold, if it has a limit.
+    pub limit: Option<u64>,
+    /// Entries evicted to stay under the limit since the backend opened.
+    pub evictions: u64,
+}
+
 /// A place to keep cache entries: a directory, an object store bucket,
 /// memory.
 ///
@@ -173,6 +193,14 @@ pub trait CacheBackend: Send + Sync + fmt::Debug + 'static {
     ///
     /// Storage errors.
     async fn pending(&self) -> Result<u64, CacheError>;
+
+    /// What the backend holds now, for metrics; `None` when it keeps no
+    /// such count (the default: an object store bucket cannot tell
+    /// cheaply). Called on every metrics scrape, so it must be cheap and
+    /// must not block on I/O. Wrappers pass it through.
+    fn usage(&self) -> Option<Usage> {
+        None
+    }
 }
 
 /// A backend's writer for one fill.

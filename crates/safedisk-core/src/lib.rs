@@ -85,7 +85,9 @@ mod memory;
 mod options;
 mod tee;
 
-pub use backend::{CacheBackend, CacheWriter, Entry, EntryMeta, FillSummary, RecoveryReport};
+pub use backend::{
+    CacheBackend, CacheWriter, Entry, EntryMeta, FillSummary, RecoveryReport, Usage,
+};
 pub use cache::Cache;
 pub use error::{CacheError, ErrorKind, Operation};
 pub use fill::Fill;

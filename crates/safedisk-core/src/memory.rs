@@ -9,7 +9,7 @@ use futures::stream;
 
 use crate::{
     CacheBackend, CacheError, CacheKey, CacheWriter, Entry, EntryMeta, EntryMetadata, ErrorKind,
-    FillSummary, Operation, RecoveryReport, WriteMode, WriteOptions,
+    FillSummary, Operation, RecoveryReport, Usage, WriteMode, WriteOptions,
 };
 
 const NAME: &str = "memory";
@@ -148,6 +148,18 @@ impl CacheBackend for MemoryBackend {
 
     async fn pending(&self) -> Result<u64, CacheError> {
         Ok(self.lock().pending)
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        let shared = self.lock();
+        let published: u64 = shared.entries.values().map(|s| s.meta.len()).sum();
+        Some(Usage {
+            entries: shared.entries.len() as u64,
+            bytes_used: published,
+            bytes_reserved: shared.used - published,
+            limit: shared.capacity,
+            ..Usage::default()
+        })
     }
 }
 

@@ -229,6 +229,32 @@ async fn capacity_gives_a_real_no_space_error_and_drop_frees_it() {
 }
 
 #[tokio::test]
+async fn memory_usage_counts_published_and_in_flight_bytes_apart() {
+    let backend = MemoryBackend::with_capacity(100);
+    let mut fill = Fill::begin(&backend, &key("a.tgz"), WriteOptions::new())
+        .await
+        .unwrap();
+    fill.write(Bytes::from_static(b"1234567")).await.unwrap();
+    fill.commit().await.unwrap();
+
+    let mut open = Fill::begin(&backend, &key("b.tgz"), WriteOptions::new())
+        .await
+        .unwrap();
+    open.write(Bytes::from_static(b"abc")).await.unwrap();
+    let usage = backend.usage().expect("memory keeps counts");
+    assert_eq!(
+        (usage.entries, usage.bytes_used, usage.bytes_reserved),
+        (1, 7, 3)
+    );
+    assert_eq!(usage.limit, Some(100));
+    assert_eq!(usage.evictions, 0);
+
+    drop(open);
+    let usage = backend.usage().unwrap();
+    assert_eq!((usage.bytes_used, usage.bytes_reserved), (7, 0));
+}
+
+#[tokio::test]
 async fn bad_options_are_refused_before_the_backend_is_asked() {
     let backend = ScriptedBackend::always(Script::default());
     let k = key("opts.tgz");

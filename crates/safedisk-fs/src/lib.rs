@@ -215,7 +215,7 @@ use rustix::fs::AtFlags;
 use rustix::io::Errno;
 use safedisk_core::{
     CacheBackend, CacheError, CacheKey, CacheWriter, Entry, ErrorKind, Operation, RecoveryReport,
-    WriteOptions,
+    Usage, WriteOptions,
 };
 
 #[cfg(doc)]
@@ -362,6 +362,20 @@ impl CacheBackend for FsBackend {
             Err(_) => Err(CacheError::new(ErrorKind::Backend, Operation::Open, NAME)
                 .with_detail("temp area listing did not finish")),
         }
+    }
+
+    /// The index's counts, from [`usage`](FsBackend::usage): space of
+    /// evicted entries not yet unlinked, or held open by readers, is left
+    /// out here.
+    fn usage(&self) -> Option<Usage> {
+        let fs = self.root.capacity.usage();
+        let mut usage = Usage::default();
+        usage.entries = fs.entries;
+        usage.bytes_used = fs.bytes_used;
+        usage.bytes_reserved = fs.bytes_reserved;
+        usage.limit = fs.limit;
+        usage.evictions = fs.evictions;
+        Some(usage)
     }
 }
 
