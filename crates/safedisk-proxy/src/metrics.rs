@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use safedisk_core::HealthSnapshot;
+use safedisk_core::{HealthSnapshot, Usage};
 
 /// Request counters, beside the cache's own [`HealthSnapshot`].
 #[derive(Debug, Default)]
@@ -88,8 +88,9 @@ impl Counters {
     }
 }
 
-/// The health endpoint's JSON.
-pub fn health_json(health: &HealthSnapshot, counters: &Counters) -> String {
+/// The health endpoint's JSON. `storage` is the backend's
+/// [`usage`](safedisk_core::CacheBackend::usage), `null` when it keeps none.
+pub fn health_json(health: &HealthSnapshot, counters: &Counters, usage: Option<Usage>) -> String {
     let mut requests = serde_json::Map::new();
     for (name, _, value) in counters.pairs() {
         requests.insert(name.into(), value.into());
@@ -106,18 +107,61 @@ pub fn health_json(health: &HealthSnapshot, counters: &Counters) -> String {
         },
         "breaker_opened": health.opened,
         "requests": requests,
+        "storage": usage.map(|usage| serde_json::json!({
+            "entries": usage.entries,
+            "bytes_used": usage.bytes_used,
+            "bytes_reserved": usage.bytes_reserved,
+            "limit": usage.limit,
+            "evictions": usage.evictions,
+        })),
     });
     value.to_string()
 }
 
-/// The metrics in Prometheus text format.
-pub fn prometheus(health: &HealthSnapshot, counters: &Counters) -> String {
+/// The metrics in Prometheus text format; the `safedisk_storage_*` ones
+/// only when the backend reports its [`Usage`].
+pub fn prometheus(health: &HealthSnapshot, counters: &Counters, usage: Option<Usage>) -> String {
     let mut out = String::new();
-    let mut counter = |name: &str, help: &str, value: u64| {
+    let mut metric = |kind: &str, name: &str, help: &str, value: u64| {
         let _ = writeln!(out, "# HELP safedisk_{name} {help}");
-        let _ = writeln!(out, "# TYPE safedisk_{name} counter");
+        let _ = writeln!(out, "# TYPE safedisk_{name} {kind}");
         let _ = writeln!(out, "safedisk_{name} {value}");
     };
+    if let Some(usage) = usage {
+        metric(
+            "gauge",
+            "storage_entries",
+            "Published entries.",
+            usage.entries,
+        );
+        metric(
+            "gauge",
+            "storage_bytes_used",
+            "Space the published entries take.",
+            usage.bytes_used,
+        );
+        metric(
+            "gauge",
+            "storage_bytes_reserved",
+            "Space held by or promised to fills in flight.",
+            usage.bytes_reserved,
+        );
+        if let Some(limit) = usage.limit {
+            metric(
+                "gauge",
+                "storage_limit_bytes",
+                "The most the cache will hold.",
+                limit,
+            );
+        }
+        metric(
+            "counter",
+            "storage_evictions_total",
+            "Entries evicted to stay under the limit.",
+            usage.evictions,
+        );
+    }
+    let mut counter = |name: &str, help: &str, value: u64| metric("counter", name, help, value);
     for (name, help, value) in counters.pairs() {
         counter(&format!("requests_{name}_total"), help, value);
     }

@@ -335,12 +335,20 @@ fn error_response(status: StatusCode, message: &str) -> Response {
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    let body = metrics::health_json(&state.cache.health(), &state.counters);
+    let body = metrics::health_json(
+        &state.cache.health(),
+        &state.counters,
+        state.cache.backend().usage(),
+    );
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
-    let body = metrics::prometheus(&state.cache.health(), &state.counters);
+    let body = metrics::prometheus(
+        &state.cache.health(),
+        &state.counters,
+        state.cache.backend().usage(),
+    );
     (
         [(
             header::CONTENT_TYPE,

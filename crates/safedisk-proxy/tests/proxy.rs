@@ -346,3 +346,115 @@ async fn health_reports_the_breaker() {
     assert_eq!(json["fills"]["abandoned"]["io"], 2);
     assert_eq!(json["fills"]["bypassed"], 1);
 }
+
+/// A disk cache with a size limit reports what it holds and what it
+/// evicted, in both the health JSON and the Prometheus text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_usage_and_evictions_are_reported() {
+    const LIMIT: u64 = 1024 * 1024;
+    let upstream = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let backend: Arc<dyn CacheBackend> =
+        Arc::new(FsBackend::open(dir.path(), FsOptions::new().max_size(LIMIT)).unwrap());
+    let proxy = proxy(&upstream, backend.clone(), |c| c).await;
+    let client = client();
+
+    // Five artifacts of 200 to 455 kB: more than the limit holds.
+    let mut total = 0;
+    for (eco, path, _) in paths() {
+        let (status, _, body) = fetch(&client, &url(&proxy, eco, path)).await;
+        assert_eq!(status, 200);
+        total += body.unwrap().len() as u64;
+        let key = CacheKey::new(eco.as_str(), path).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while backend.get(&key).await.unwrap().is_none() {
+            assert!(Instant::now() < deadline, "{eco}: never cached");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert!(total > LIMIT, "the artifacts must not fit: {total} bytes");
+
+    let (status, _, body) = fetch(
+        &client,
+        &format!("http://{}/_safedisk/health", proxy.addr()),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_slice(&body.unwrap()).unwrap();
+    let storage = &json["storage"];
+    let entries = storage["entries"].as_u64().unwrap();
+    let evictions = storage["evictions"].as_u64().unwrap();
+    let used = storage["bytes_used"].as_u64().unwrap();
+    assert_eq!(storage["limit"], LIMIT, "{json}");
+    assert!(evictions >= 1, "nothing evicted: {json}");
+    assert_eq!(entries + evictions, 5, "{json}");
+    assert!(used > 0 && used <= LIMIT, "{json}");
+
+    let (_, _, body) = fetch(
+        &client,
+        &format!("http://{}/_safedisk/metrics", proxy.addr()),
+    )
+    .await;
+    let text = String::from_utf8(body.unwrap()).unwrap();
+    for line in [
+        format!("safedisk_storage_entries {entries}"),
+        format!("safedisk_storage_bytes_used {used}"),
+        format!("safedisk_storage_limit_bytes {LIMIT}"),
+        format!("safedisk_storage_evictions_total {evictions}"),
+        "# TYPE safedisk_storage_bytes_reserved gauge".to_owned(),
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+    }
+}
+
+/// A backend that keeps no count reports none: no storage metrics, and
+/// `null` in the health JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_without_usage_reports_none() {
+    #[derive(Debug)]
+    struct Uncounted(MemoryBackend);
+
+    #[async_trait::async_trait]
+    impl CacheBackend for Uncounted {
+        fn name(&self) -> &str {
+            "uncounted"
+        }
+        async fn begin(
+            &self,
+            key: &CacheKey,
+            options: &WriteOptions,
+        ) -> Result<Box<dyn safedisk_core::CacheWriter>, safedisk_core::CacheError> {
+            self.0.begin(key, options).await
+        }
+        async fn get(
+            &self,
+            key: &CacheKey,
+        ) -> Result<Option<safedisk_core::Entry>, safedisk_core::CacheError> {
+            self.0.get(key).await
+        }
+        async fn remove(&self, key: &CacheKey) -> Result<bool, safedisk_core::CacheError> {
+            self.0.remove(key).await
+        }
+        async fn recover(
+            &self,
+        ) -> Result<safedisk_core::RecoveryReport, safedisk_core::CacheError> {
+            self.0.recover().await
+        }
+        async fn pending(&self) -> Result<u64, safedisk_core::CacheError> {
+            self.0.pending().await
+        }
+    }
+
+    let upstream = upstream().await;
+    let proxy = proxy(&upstream, Arc::new(Uncounted(MemoryBackend::new())), |c| c).await;
+    let client = client();
+    let base = format!("http://{}/_safedisk", proxy.addr());
+    let (_, _, body) = fetch(&client, &format!("{base}/health")).await;
+    let json: serde_json::Value = serde_json::from_slice(&body.unwrap()).unwrap();
+    assert!(json["storage"].is_null(), "{json}");
+    assert!(json["breaker"].is_string(), "{json}");
+    let (_, _, body) = fetch(&client, &format!("{base}/metrics")).await;
+    let text = String::from_utf8(body.unwrap()).unwrap();
+    assert!(!text.contains("safedisk_storage_"), "{text}");
+    assert!(text.contains("safedisk_breaker_state 0"), "{text}");
+}
