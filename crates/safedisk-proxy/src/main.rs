@@ -46,9 +46,10 @@ struct ServeArgs {
     /// Allow plain HTTP to the S3 endpoint.
     #[arg(long)]
     s3_allow_http: bool,
-    /// Largest size of a directory cache in bytes; least-recently-used
-    /// entries are evicted to stay under it (default: no limit).
-    #[arg(long)]
+    /// Largest size of a directory cache: bytes, or a size such as 20GiB
+    /// or 500MB; least-recently-used entries are evicted to stay under it
+    /// (default: no limit).
+    #[arg(long, value_parser = parse_max_size)]
     max_size: Option<u64>,
     /// Idle deadline of each cache write, in milliseconds.
     #[arg(long, default_value_t = 5000)]
@@ -66,6 +67,20 @@ fn parse_upstream(value: &str) -> Result<(Ecosystem, url::Url), String> {
         url.set_path(&format!("{}/", url.path()));
     }
     Ok((ecosystem, url))
+}
+
+fn parse_max_size(value: &str) -> Result<u64, String> {
+    let size = value
+        .parse::<bytesize::ByteSize>()
+        .map_err(|_| format!("{value:?} is not a size: give bytes, or a number with a unit such as 20GiB or 500MB"))?
+        .as_u64();
+    if size == 0 {
+        return Err(
+            "a cache of 0 bytes would refuse every fill; leave --max-size out for no limit"
+                .to_owned(),
+        );
+    }
+    Ok(size)
 }
 
 fn main() -> ExitCode {
@@ -125,4 +140,27 @@ async fn serve(args: ServeArgs) -> ExitCode {
     eprintln!("safedisk-proxy: shutting down");
     proxy.shutdown(Duration::from_secs(10)).await;
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_max_size;
+
+    #[test]
+    fn max_size_takes_bytes_and_units() {
+        assert_eq!(parse_max_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_max_size("20GiB"), Ok(20 << 30));
+        assert_eq!(parse_max_size("1.5 MiB"), Ok(3 << 19));
+        assert_eq!(parse_max_size("500MB"), Ok(500_000_000));
+    }
+
+    #[test]
+    fn max_size_refuses_nonsense_and_zero() {
+        for bad in ["", "-1", "ten", "10XB"] {
+            let err = parse_max_size(bad).unwrap_err();
+            assert!(err.contains("is not a size"), "{bad:?}: {err}");
+        }
+        let err = parse_max_size("0").unwrap_err();
+        assert!(err.contains("0 bytes"), "{err}");
+    }
 }
