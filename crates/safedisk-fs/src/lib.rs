@@ -51,6 +51,10 @@
 //! 4. **Abort** and drop unlink the temp file and close its descriptor,
 //!    right away on the calling thread (drop) or on the blocking pool
 //!    (abort); neither needs a runtime to have been kept.
+//! 5. **Remove** unlinks the entry, then `fsync`s its directory when
+//!    durable, so a removed entry stays removed after power loss. Eviction
+//!    does not sync: an evicted entry that survives a crash is still a
+//!    whole, valid entry, and is counted again at the next open.
 //!
 //! Length and digest checks and deadlines are not here: [`Fill`] does them
 //! for every backend before this backend's commit is called.
@@ -333,6 +337,11 @@ impl CacheBackend for FsBackend {
             match rustix::fs::unlinkat(&dir, path.file.as_str(), AtFlags::empty()) {
                 Ok(()) => {
                     root.capacity.forget(&path.file, stat.st_dev, stat.st_ino);
+                    // A removed entry must not come back after power loss:
+                    // the caller may be purging something it must not serve.
+                    if root.durable() {
+                        rustix::fs::fsync(&dir).map_err(|e| fail(e.into()))?;
+                    }
                     Ok(true)
                 }
                 Err(Errno::NOENT) => Ok(false),
