@@ -32,7 +32,6 @@
 pub mod naive;
 pub mod report;
 pub mod scenario;
-pub mod sockets;
 pub mod upstream;
 pub mod witness;
 

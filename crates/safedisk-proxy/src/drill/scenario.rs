@@ -22,7 +22,6 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
 use super::naive::NaiveServer;
-use super::sockets;
 use super::upstream::{Delivery, Size, Upstream, artifact_path};
 use super::witness::Witness;
 use crate::ecosystem::Ecosystem;
@@ -554,7 +553,7 @@ async fn counts(rig: &Rig, cache: &Cache, proxy_port: u16) -> Counts {
         let uploads = s3.open_uploads().map_or(usize::MAX, |u| u.len());
         temp = temp.saturating_add(uploads);
     }
-    let held = sockets::connections(&[proxy_port, rig.upstream.port()]);
+    let held = probe::connections(&[proxy_port, rig.upstream.port()]);
     Counts {
         proxy: held[0],
         upstream: held[1],
@@ -590,7 +589,7 @@ impl Sampler {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !flag.load(Ordering::Relaxed) {
                 tick.tick().await;
-                let held: usize = sockets::connections(&ports).iter().sum();
+                let held: usize = probe::connections(&ports).iter().sum();
                 samples.push(u32::try_from(held).unwrap_or(u32::MAX));
             }
             samples
