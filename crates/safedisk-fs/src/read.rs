@@ -51,7 +51,7 @@ pub(crate) fn open(root: &Arc<Root>, key: &CacheKey) -> Result<Option<Opened>, C
             Attempt::Replaced => continue,
         }
     }
-    Err(CacheError::new(ErrorKind::Io, Operation::Get, NAME)
+    Err(CacheError::new(ErrorKind::Backend, Operation::Get, NAME)
         .with_key(key)
         .with_transient(true)
         .with_detail(format!(
