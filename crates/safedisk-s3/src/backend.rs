@@ -31,6 +31,10 @@ use crate::manifest::{Manifest, is_fill_id};
 
 const NAME: &str = "s3";
 
+/// How many manifests [`get`](CacheBackend::get) follows when overwrites
+/// keep deleting the data object it is about to read.
+const MANIFEST_FOLLOWS: usize = 8;
+
 /// How long an abandoned fill lets part uploads already sent finish before
 /// it aborts the upload: 500 ms.
 ///
@@ -265,10 +269,11 @@ impl CacheBackend for ObjectStoreBackend {
         let manifest_path = shared.manifest_path(&digest);
 
         // A fill that overwrites the key deletes the data object the old
-        // manifest named, so a miss on the data object is looked at twice:
-        // once more with a fresh manifest before the entry counts as broken.
-        let mut last = None;
-        for _ in 0..2 {
+        // manifest named, so a missing data object means the entry is
+        // broken only when a fresh read of the manifest names it again. A
+        // manifest that changed is followed, however often it changed.
+        let mut last: Option<Manifest> = None;
+        for _ in 0..MANIFEST_FOLLOWS {
             let manifest = match shared
                 .read_manifest(&manifest_path, Operation::Get, Some(key))
                 .await
@@ -284,7 +289,12 @@ impl CacheBackend for ObjectStoreBackend {
                 Err(err) => return Err(err),
             };
             if last.as_ref() == Some(&manifest) {
-                break;
+                shared.discard_entry(key, Some(&manifest.fill_id)).await;
+                return Err(
+                    CacheError::new(ErrorKind::IntegrityMismatch, Operation::Get, NAME)
+                        .with_key(key)
+                        .with_detail("manifest names a missing data object"),
+                );
             }
 
             let data_path = shared.data_path(&digest, &manifest.fill_id);
@@ -319,13 +329,13 @@ impl CacheBackend for ObjectStoreBackend {
             }
         }
 
-        let fill_id = last.as_ref().map(|m| m.fill_id.as_str());
-        shared.discard_entry(key, fill_id).await;
-        Err(
-            CacheError::new(ErrorKind::IntegrityMismatch, Operation::Get, NAME)
-                .with_key(key)
-                .with_detail("manifest names a missing data object"),
-        )
+        // Overwritten faster than it could be read: nothing is broken.
+        Err(CacheError::new(ErrorKind::Backend, Operation::Get, NAME)
+            .with_key(key)
+            .with_transient(true)
+            .with_detail(format!(
+                "the entry was replaced {MANIFEST_FOLLOWS} times while it was being opened"
+            )))
     }
 
     async fn remove(&self, key: &CacheKey) -> Result<bool, CacheError> {

@@ -51,8 +51,11 @@
 //! - **Overwrite.** Last manifest put wins. The winner then deletes the data
 //!   object the old manifest named. A reader still streaming it may see its
 //!   stream end with an error (never early and silently); one that read the
-//!   old manifest but had not opened the data yet retries once with the new
-//!   manifest.
+//!   old manifest but had not opened the data yet reads the manifest again
+//!   and follows the newer one. Only a manifest that names a missing data
+//!   object twice in a row counts as broken; one overwritten more than
+//!   8 times while `get` follows it gives a transient
+//!   [`Backend`](safedisk_core::ErrorKind::Backend) error.
 //! - **Verified reads.** [`get`](safedisk_core::CacheBackend::get) checks the
 //!   data object's size against the manifest before returning, and hashes
 //!   the bytes as they stream: a body that differs from the recorded SHA-256

@@ -13,6 +13,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use safedisk_core::{
     CacheBackend, CacheError, CacheKey, EntryMetadata, ErrorKind, Fill, WriteMode, WriteOptions,
 };
+use safedisk_faulty::FaultyStore;
 use safedisk_s3::testing::{BUCKET, S3TestServer};
 use safedisk_s3::{MIN_PART_SIZE, ObjectStoreBackend, S3Options};
 use support::body;
@@ -308,6 +309,43 @@ async fn overwrite_replaces_and_removes_the_old_data() {
     assert_eq!(server.objects().unwrap().len(), 2, "manifest and new data");
 }
 
+/// Overwrites that delete the data a reader is about to open, twice in a
+/// row, never make the entry look corrupt: `get` follows the newer
+/// manifest each time. The reader's store delays every request by `STEP`,
+/// and the overwrites land in the middle of its data requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_follows_manifests_through_repeated_overwrites() {
+    const STEP: Duration = Duration::from_millis(800);
+    let server = S3TestServer::start().await.unwrap();
+    let writer = backend(server.store());
+    let plan = format!("get:delay={}ms", STEP.as_millis()).parse().unwrap();
+    let slow: Arc<dyn ObjectStore> = Arc::new(FaultyStore::from_arc(server.store(), plan));
+    let reader = Arc::new(backend(slow));
+    let key = key("churning");
+    let bodies: Vec<Bytes> = (0..3).map(|n| body(1000 + n, 20 + n as u64)).collect();
+    fill(&writer, &key, WriteOptions::new(), &bodies[0])
+        .await
+        .unwrap();
+
+    // The reader's requests start at 0, STEP, 2 STEP, ... and reach the
+    // server one STEP later: manifest 0 at STEP, its data at 2 STEP,
+    // manifest 1 at 3 STEP, its data at 4 STEP, manifest 2 at 5 STEP.
+    let started = tokio::time::Instant::now();
+    let read = tokio::spawn({
+        let (reader, key) = (reader.clone(), key.clone());
+        async move { read(&reader, &key).await }
+    });
+    for (n, at) in [(1, 3), (2, 7)] {
+        // Half way between a manifest read and its data read.
+        tokio::time::sleep_until(started + STEP * at / 2).await;
+        fill(&writer, &key, WriteOptions::new(), &bodies[n])
+            .await
+            .unwrap();
+    }
+    let got = read.await.unwrap().expect("a get through two overwrites");
+    assert_eq!(got.as_ref(), Some(&bodies[2]), "the newest entry, whole");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_bodies_are_never_published() {
     let (server, backend) = setup().await;
@@ -392,6 +430,17 @@ async fn get_detects_corruption_and_truncation() {
     let err = backend.get(&garbled).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::IntegrityMismatch, "{err}");
     assert!(backend.get(&garbled).await.unwrap().is_none());
+
+    // A manifest that still names a data object someone deleted.
+    let orphaned = key("orphaned");
+    fill(&backend, &orphaned, WriteOptions::new(), &bytes)
+        .await
+        .unwrap();
+    std::fs::remove_file(data_file(&server, &backend, &orphaned)).unwrap();
+    let err = backend.get(&orphaned).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::IntegrityMismatch, "{err}");
+    assert!(!err.is_transient(), "{err}");
+    assert!(backend.get(&orphaned).await.unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
