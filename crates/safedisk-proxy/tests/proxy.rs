@@ -11,7 +11,9 @@ use safedisk_core::{CacheBackend, CacheKey, MemoryBackend, WriteOptions};
 use safedisk_faulty::Faulty;
 use safedisk_fs::{FsBackend, FsOptions};
 use safedisk_testkit::probe::{LeakProbe, established};
-use support::{Mode, artifact, client, fetch, paths, proxy, upstream, url};
+use support::{
+    Mode, artifact, client, fetch, health, metrics, paths, proxy, upstream, url, wait_cached,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn disk() -> (Arc<dyn CacheBackend>, tempfile::TempDir) {
@@ -39,12 +41,7 @@ async fn a_miss_fills_and_the_next_request_is_a_hit() {
         assert!(body.unwrap() == expected, "{eco}: miss bytes");
 
         // The fill finishes in the background; wait for the entry.
-        let key = CacheKey::new(eco.as_str(), path).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while backend.get(&key).await.unwrap().is_none() {
-            assert!(Instant::now() < deadline, "{eco}: never cached");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_cached(&*backend, &CacheKey::new(eco.as_str(), path).unwrap()).await;
 
         let (status, headers, body) = fetch(&client, &url(&proxy, eco, path)).await;
         assert_eq!(status, 200);
@@ -308,12 +305,7 @@ async fn concurrent_misses_of_one_key_make_one_fill() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let health = proxy.cache().health();
     assert_eq!(health.committed, 1, "{health:?}");
-    let metrics = fetch(
-        &client,
-        &format!("http://{}/_safedisk/metrics", proxy.addr()),
-    )
-    .await;
-    let text = String::from_utf8(metrics.2.unwrap()).unwrap();
+    let text = metrics(&client, &proxy).await;
     assert!(
         text.contains("safedisk_requests_uncached_misses_total 1"),
         "{text}"
@@ -335,13 +327,7 @@ async fn health_reports_the_breaker() {
         assert!(body.is_ok());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (status, _, body) = fetch(
-        &client,
-        &format!("http://{}/_safedisk/health", proxy.addr()),
-    )
-    .await;
-    assert_eq!(status, 200);
-    let json: serde_json::Value = serde_json::from_slice(&body.unwrap()).unwrap();
+    let json = health(&client, &proxy).await;
     assert_eq!(json["breaker"], "open");
     assert_eq!(json["fills"]["abandoned"]["io"], 2);
     assert_eq!(json["fills"]["bypassed"], 1);
@@ -365,22 +351,11 @@ async fn storage_usage_and_evictions_are_reported() {
         let (status, _, body) = fetch(&client, &url(&proxy, eco, path)).await;
         assert_eq!(status, 200);
         total += body.unwrap().len() as u64;
-        let key = CacheKey::new(eco.as_str(), path).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while backend.get(&key).await.unwrap().is_none() {
-            assert!(Instant::now() < deadline, "{eco}: never cached");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_cached(&*backend, &CacheKey::new(eco.as_str(), path).unwrap()).await;
     }
     assert!(total > LIMIT, "the artifacts must not fit: {total} bytes");
 
-    let (status, _, body) = fetch(
-        &client,
-        &format!("http://{}/_safedisk/health", proxy.addr()),
-    )
-    .await;
-    assert_eq!(status, 200);
-    let json: serde_json::Value = serde_json::from_slice(&body.unwrap()).unwrap();
+    let json = health(&client, &proxy).await;
     let storage = &json["storage"];
     let entries = storage["entries"].as_u64().unwrap();
     let evictions = storage["evictions"].as_u64().unwrap();
@@ -390,12 +365,7 @@ async fn storage_usage_and_evictions_are_reported() {
     assert_eq!(entries + evictions, 5, "{json}");
     assert!(used > 0 && used <= LIMIT, "{json}");
 
-    let (_, _, body) = fetch(
-        &client,
-        &format!("http://{}/_safedisk/metrics", proxy.addr()),
-    )
-    .await;
-    let text = String::from_utf8(body.unwrap()).unwrap();
+    let text = metrics(&client, &proxy).await;
     for line in [
         format!("safedisk_storage_entries {entries}"),
         format!("safedisk_storage_bytes_used {used}"),
@@ -448,13 +418,10 @@ async fn a_backend_without_usage_reports_none() {
     let upstream = upstream().await;
     let proxy = proxy(&upstream, Arc::new(Uncounted(MemoryBackend::new())), |c| c).await;
     let client = client();
-    let base = format!("http://{}/_safedisk", proxy.addr());
-    let (_, _, body) = fetch(&client, &format!("{base}/health")).await;
-    let json: serde_json::Value = serde_json::from_slice(&body.unwrap()).unwrap();
+    let json = health(&client, &proxy).await;
     assert!(json["storage"].is_null(), "{json}");
     assert!(json["breaker"].is_string(), "{json}");
-    let (_, _, body) = fetch(&client, &format!("{base}/metrics")).await;
-    let text = String::from_utf8(body.unwrap()).unwrap();
+    let text = metrics(&client, &proxy).await;
     assert!(!text.contains("safedisk_storage_"), "{text}");
     assert!(text.contains("safedisk_breaker_state 0"), "{text}");
 }

@@ -15,7 +15,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::stream;
-use safedisk_core::CacheBackend;
+use safedisk_core::{CacheBackend, CacheKey};
 use safedisk_proxy::ecosystem::Ecosystem;
 use safedisk_proxy::server::{self, ProxyConfig, RunningProxy};
 
@@ -222,4 +222,30 @@ pub async fn fetch(
         .map(|b| b.to_vec())
         .map_err(|e| e.to_string());
     (status, headers, body)
+}
+
+/// The proxy's `/_safedisk/health` JSON.
+pub async fn health(client: &reqwest::Client, proxy: &RunningProxy) -> serde_json::Value {
+    let url = format!("http://{}/_safedisk/health", proxy.addr());
+    let (status, _, body) = fetch(client, &url).await;
+    assert_eq!(status, 200);
+    serde_json::from_slice(&body.unwrap()).unwrap()
+}
+
+/// The proxy's `/_safedisk/metrics` text.
+pub async fn metrics(client: &reqwest::Client, proxy: &RunningProxy) -> String {
+    let url = format!("http://{}/_safedisk/metrics", proxy.addr());
+    let (status, _, body) = fetch(client, &url).await;
+    assert_eq!(status, 200);
+    String::from_utf8(body.unwrap()).unwrap()
+}
+
+/// Waits up to 5 s for the fill of `key`, which finishes in the
+/// background after the client's response, to be published.
+pub async fn wait_cached(backend: &dyn CacheBackend, key: &CacheKey) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while backend.get(key).await.unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "{key}: never cached");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
