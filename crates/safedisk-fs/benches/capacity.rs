@@ -24,11 +24,14 @@
 //! `SAFEDISK_BENCH_AA=1` (the "limited" backend gets no limit: an A/A run
 //! that shows the bias of the setup itself).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{BenchEnv, env_or};
 use futures::future::join_all;
 use safedisk_core::{CacheKey, Fill, WriteOptions};
 use safedisk_fs::{Durability, FsBackend, FsOptions, SpaceFloor};
@@ -39,40 +42,23 @@ const CONCURRENCY: usize = 8;
 const LIMIT: u64 = 64 << 20;
 
 fn main() {
-    let base = std::env::var_os("SAFEDISK_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let rounds: usize = env_or("SAFEDISK_BENCH_ROUNDS", "7").parse().unwrap();
-    let sizes: Vec<usize> = env_or("SAFEDISK_BENCH_SIZES", "65536,1048576")
-        .split(',')
-        .map(|s| s.trim().parse().unwrap())
-        .collect();
+    let env = BenchEnv::new("7", "65536,1048576");
     let open_entries: usize = env_or("SAFEDISK_BENCH_OPEN_ENTRIES", "100000")
         .parse()
         .unwrap();
-    let dir = tempfile::tempdir_in(&base).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    println!("directory: {} ({rounds} rounds)", dir.path().display());
+    let (dir, rounds, sizes, runtime) = (&env.dir, env.rounds, &env.sizes, &env.runtime);
 
     println!(
         "| size | limited MB/s | unlimited MB/s | limited / unlimited (median of rounds) | evictions |"
     );
     println!("|---|---|---|---|---|");
-    for &size in &sizes {
+    for &size in sizes {
         runtime.block_on(throughput(dir.path(), size, rounds));
     }
 
     if open_entries > 0 {
         runtime.block_on(open_time(dir.path(), open_entries));
     }
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
 fn options() -> FsOptions {

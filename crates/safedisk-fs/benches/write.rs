@@ -30,11 +30,14 @@
 //! 4096,1048576,67108864).
 
 use std::io::Write;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::BenchEnv;
 use object_store::ObjectStoreExt;
 use object_store::local::LocalFileSystem;
 use safedisk_core::{CacheKey, Fill, WriteOptions};
@@ -75,22 +78,8 @@ struct Setup {
 }
 
 fn main() {
-    let base = std::env::var_os("SAFEDISK_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let rounds: usize = env_or("SAFEDISK_BENCH_ROUNDS", "5").parse().unwrap();
-    let sizes: Vec<usize> = env_or("SAFEDISK_BENCH_SIZES", "4096,1048576,67108864")
-        .split(',')
-        .map(|s| s.trim().parse().unwrap())
-        .collect();
-    let dir = tempfile::tempdir_in(&base).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-
-    println!("directory: {} ({rounds} rounds)", dir.path().display());
+    let env = BenchEnv::new("5", "4096,1048576,67108864");
+    let (dir, rounds, sizes, runtime) = (&env.dir, env.rounds, &env.sizes, &env.runtime);
     println!(
         "| size | durable | contender | median MB/s | median objects/s | safedisk / contender |"
     );
@@ -98,7 +87,7 @@ fn main() {
 
     for durable in [true, false] {
         let setup = setup(dir.path(), durable);
-        for &size in &sizes {
+        for &size in sizes {
             let contenders: &[Contender] = if durable {
                 &[
                     Contender::Safedisk,
@@ -121,10 +110,6 @@ fn main() {
             report(size, durable, contenders, &results);
         }
     }
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
 fn setup(dir: &Path, durable: bool) -> Setup {
