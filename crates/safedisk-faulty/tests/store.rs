@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload};
 use safedisk_core::{CacheError, ErrorKind};
 use safedisk_faulty::{FaultPoint, FaultyStore};
 
@@ -30,6 +30,23 @@ fn injected(err: &object_store::Error) -> (ErrorKind, Option<i32>) {
 
 async fn exists(store: &FaultyStore<InMemory>, name: &str) -> bool {
     store.inner().head(&path(name)).await.is_ok()
+}
+
+/// Starts a multipart upload of `name` and sends `parts`, each of which
+/// must go through.
+async fn multipart(
+    store: &FaultyStore<InMemory>,
+    name: &str,
+    parts: &[&'static str],
+) -> Box<dyn MultipartUpload> {
+    let mut upload = store.put_multipart(&path(name)).await.unwrap();
+    for part in parts {
+        upload
+            .put_part(PutPayload::from_static(part.as_bytes()))
+            .await
+            .unwrap();
+    }
+    upload
 }
 
 #[tokio::test]
@@ -80,11 +97,7 @@ async fn a_put_that_fails_after_publish_is_stored() {
 async fn the_nth_part_fails_and_the_upload_can_still_be_aborted() {
     let store = store("part@nth=2:eio");
 
-    let mut upload = store.put_multipart(&path("big")).await.unwrap();
-    upload
-        .put_part(PutPayload::from_static(b"one"))
-        .await
-        .unwrap();
+    let mut upload = multipart(&store, "big", &["one"]).await;
     let err = upload
         .put_part(PutPayload::from_static(b"two"))
         .await
@@ -103,21 +116,13 @@ async fn the_nth_part_fails_and_the_upload_can_still_be_aborted() {
 async fn complete_fails_before_or_after_publish() {
     let store = store("complete:error=backend/once; complete@published:eio/once");
 
-    let mut upload = store.put_multipart(&path("x")).await.unwrap();
-    upload
-        .put_part(PutPayload::from_static(b"abc"))
-        .await
-        .unwrap();
+    let mut upload = multipart(&store, "x", &["abc"]).await;
     let err = upload.complete().await.unwrap_err();
     assert_eq!(injected(&err), (ErrorKind::Backend, None));
     assert!(!exists(&store, "x").await);
     upload.abort().await.unwrap();
 
-    let mut upload = store.put_multipart(&path("x")).await.unwrap();
-    upload
-        .put_part(PutPayload::from_static(b"abc"))
-        .await
-        .unwrap();
+    let mut upload = multipart(&store, "x", &["abc"]).await;
     let err = upload.complete().await.unwrap_err();
     assert_eq!(injected(&err), (ErrorKind::Io, Some(5)));
     assert!(
@@ -136,11 +141,7 @@ async fn complete_fails_before_or_after_publish() {
 async fn a_failed_abort_is_recorded_and_not_sent() {
     let store = store("abort:eio");
 
-    let mut upload = store.put_multipart(&path("x")).await.unwrap();
-    upload
-        .put_part(PutPayload::from_static(b"abc"))
-        .await
-        .unwrap();
+    let mut upload = multipart(&store, "x", &["abc"]).await;
     let err = upload.abort().await.unwrap_err();
     assert_eq!(injected(&err), (ErrorKind::Io, Some(5)));
 
@@ -159,11 +160,7 @@ async fn a_failed_abort_is_recorded_and_not_sent() {
 async fn a_crash_abandons_the_upload() {
     let store = store("part@nth=2:crash");
 
-    let mut upload = store.put_multipart(&path("x")).await.unwrap();
-    upload
-        .put_part(PutPayload::from_static(b"one"))
-        .await
-        .unwrap();
+    let mut upload = multipart(&store, "x", &["one"]).await;
     let err = upload
         .put_part(PutPayload::from_static(b"two"))
         .await
@@ -242,7 +239,7 @@ async fn list_and_delete_fail_as_injected() {
 #[tokio::test]
 async fn a_stalled_part_ends_when_dropped() {
     let store = store("part:stall");
-    let mut upload = store.put_multipart(&path("x")).await.unwrap();
+    let mut upload = multipart(&store, "x", &[]).await;
     let part = upload.put_part(PutPayload::from_static(b"abc"));
     let timed = tokio::time::timeout(Duration::from_millis(50), part).await;
     assert!(timed.is_err(), "still pending at the timeout");
@@ -252,7 +249,7 @@ async fn a_stalled_part_ends_when_dropped() {
 #[tokio::test]
 async fn a_short_part_sends_half() {
     let store = store("part:short");
-    let mut upload = store.put_multipart(&path("x")).await.unwrap();
+    let mut upload = multipart(&store, "x", &[]).await;
     let err = upload
         .put_part(PutPayload::from_static(b"abcdef"))
         .await
