@@ -55,9 +55,23 @@ async fn fill(
     options: WriteOptions,
     bytes: &Bytes,
 ) -> Result<(), CacheError> {
+    begun(backend, key, options, bytes)
+        .await?
+        .commit()
+        .await
+        .map(|_| ())
+}
+
+/// A fill of `key` that has streamed `bytes`, not yet committed.
+async fn begun(
+    backend: &ObjectStoreBackend,
+    key: &CacheKey,
+    options: WriteOptions,
+    bytes: &Bytes,
+) -> Result<Fill, CacheError> {
     let mut fill = Fill::begin(backend, key, options).await?;
     write_all(&mut fill, bytes).await?;
-    fill.commit().await.map(|_| ())
+    Ok(fill)
 }
 
 async fn read(backend: &ObjectStoreBackend, key: &CacheKey) -> Result<Option<Bytes>, CacheError> {
@@ -155,10 +169,9 @@ async fn abort_of_a_multipart_fill_leaves_nothing() {
     let (server, backend) = setup().await;
     let key = key("aborted");
 
-    let mut fill = Fill::begin(&backend, &key, WriteOptions::new())
+    let fill = begun(&backend, &key, WriteOptions::new(), &body(11 * MIB, 3))
         .await
         .unwrap();
-    write_all(&mut fill, &body(11 * MIB, 3)).await.unwrap();
     assert!(!server.open_uploads().unwrap().is_empty(), "upload started");
     assert_eq!(backend.pending().await.unwrap(), 1);
 
@@ -175,10 +188,9 @@ async fn drop_without_commit_aborts_the_upload() {
     let (server, backend) = setup().await;
     let key = key("dropped");
 
-    let mut fill = Fill::begin(&backend, &key, WriteOptions::new())
+    let fill = begun(&backend, &key, WriteOptions::new(), &body(6 * MIB, 4))
         .await
         .unwrap();
-    write_all(&mut fill, &body(6 * MIB, 4)).await.unwrap();
     assert!(!server.open_uploads().unwrap().is_empty(), "upload started");
     drop(fill);
 
@@ -203,13 +215,14 @@ fn drop_after_the_runtime_is_gone_leaves_the_upload_to_the_lifecycle_rule() {
         .enable_all()
         .build()
         .unwrap();
-    let fill = fill_runtime.block_on(async {
-        let mut fill = Fill::begin(&backend, &key, WriteOptions::new())
-            .await
-            .unwrap();
-        write_all(&mut fill, &body(6 * MIB, 5)).await.unwrap();
-        fill
-    });
+    let fill = fill_runtime
+        .block_on(begun(
+            &backend,
+            &key,
+            WriteOptions::new(),
+            &body(6 * MIB, 5),
+        ))
+        .unwrap();
     drop(fill_runtime);
 
     // No runtime here at all: the drop must neither panic nor block.
@@ -591,10 +604,9 @@ fn a_fill_and_a_read_never_hold_their_runtime_thread() {
 async fn an_abort_that_cannot_reach_the_store_reports_and_releases() {
     let (server, backend) = setup().await;
     let key = key("unreachable");
-    let mut fill = Fill::begin(&backend, &key, WriteOptions::new())
+    let fill = begun(&backend, &key, WriteOptions::new(), &body(6 * MIB, 17))
         .await
         .unwrap();
-    write_all(&mut fill, &body(6 * MIB, 17)).await.unwrap();
 
     drop(server);
     let err = fill.abort().await.unwrap_err();
