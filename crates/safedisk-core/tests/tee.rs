@@ -13,8 +13,8 @@ use safedisk_core::{
     LagPolicy, TeePolicy, WriteOptions, tee,
 };
 use support::{
-    DropFlag, Script, ScriptedBackend, concat, failing_upstream, key, payload, read_entry,
-    settle_tasks, upstream,
+    DropFlag, Script, ScriptedBackend, assert_nothing_left, concat, failing_upstream, key, payload,
+    read_entry, settle_tasks, upstream,
 };
 
 /// Collects what a client would receive: the bytes, and the error that
@@ -119,8 +119,7 @@ async fn a_stalled_writer_is_abandoned_by_the_idle_deadline() {
         fill_done < Duration::from_secs(2),
         "fill ended after {fill_done:?}"
     );
-    assert!(backend.get(&k).await.unwrap().is_none());
-    assert_eq!(backend.pending().await.unwrap(), 0);
+    assert_nothing_left(&*backend, &k).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,8 +152,7 @@ async fn a_slow_writer_does_not_slow_the_client_under_abandon() {
     assert_eq!(outcome.abandon_reason(), Some(AbandonReason::Lagged));
     // The abort is prompt: the in-flight 50 ms write is cancelled.
     assert!(started.elapsed() < Duration::from_secs(1));
-    assert!(backend.get(&k).await.unwrap().is_none());
-    assert_eq!(backend.pending().await.unwrap(), 0);
+    assert_nothing_left(&*backend, &k).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,8 +273,7 @@ async fn a_client_that_leaves_drops_the_upstream_and_aborts_the_fill() {
         .await
         .expect("fill ended promptly");
     assert_eq!(outcome.abandon_reason(), Some(AbandonReason::ClientGone));
-    assert!(backend.get(&k).await.unwrap().is_none());
-    assert_eq!(backend.pending().await.unwrap(), 0);
+    assert_nothing_left(&*backend, &k).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -421,8 +418,7 @@ async fn a_truncated_or_overlong_upstream_is_an_error_and_never_committed() {
             handle.await.abandon_reason(),
             Some(AbandonReason::UpstreamLength)
         );
-        assert!(backend.get(&k).await.unwrap().is_none());
-        assert_eq!(backend.pending().await.unwrap(), 0);
+        assert_nothing_left(&*backend, &k).await;
     }
 }
 

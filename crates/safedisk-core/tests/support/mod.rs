@@ -219,6 +219,15 @@ impl<S> Drop for DropFlag<S> {
     }
 }
 
+/// Nothing is visible under `key` and no fill of `backend` is pending.
+pub async fn assert_nothing_left(backend: &dyn CacheBackend, key: &CacheKey) {
+    assert!(
+        backend.get(key).await.unwrap().is_none(),
+        "{key} is visible"
+    );
+    assert_eq!(backend.pending().await.unwrap(), 0, "fills still pending");
+}
+
 /// Reads an entry to the end.
 pub async fn read_entry(backend: &dyn CacheBackend, key: &CacheKey) -> Option<Vec<u8>> {
     let entry = backend.get(key).await.expect("get")?;
