@@ -375,14 +375,7 @@ const CHUNK: usize = 64 * 1024;
 
 /// Deterministic content that differs per `seed`.
 pub(crate) fn content(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| {
-            (i as u8)
-                .wrapping_mul(167)
-                .wrapping_add(seed)
-                .rotate_left(3)
-        })
-        .collect()
+    crate::payload::pseudo_random(seed.into(), len)
 }
 
 pub(crate) fn key(name: &str) -> CacheKey {

@@ -175,12 +175,7 @@ impl DrillReport {
 
 /// A synthetic artifact, different for each request.
 fn artifact(index: usize, len: usize) -> Bytes {
-    let seed = index as u8;
-    Bytes::from(
-        (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-            .collect::<Vec<u8>>(),
-    )
+    Bytes::from(crate::payload::pseudo_random(index as u64, len))
 }
 
 /// Records when the upstream stream is dropped.

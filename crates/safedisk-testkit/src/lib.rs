@@ -9,6 +9,7 @@
 //!   visible.
 //! - [`probe`]: counts of open fds, live tasks, pending fills and
 //!   established connections, and a check that they return to a baseline.
+//! - [`payload`]: deterministic bytes to write and check.
 //! - [`drill`]: many concurrent tees over a backend with a fault plan,
 //!   reporting per request whether the client's bytes were intact, how long
 //!   the fill took to detach after the fault, and what was still held.
@@ -20,4 +21,5 @@
 pub mod conformance;
 pub mod drill;
 pub mod fuzz;
+pub mod payload;
 pub mod probe;

@@ -9,19 +9,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use safedisk_core::{CacheBackend, CacheError, CacheKey, Entry, Fill, FillSummary, WriteOptions};
 
-/// Deterministic bytes for `seed`: a xorshift stream, so tests can rebuild
-/// what they expect without keeping it.
+/// Deterministic bytes for `seed`, rebuilt by a test instead of kept.
 pub fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    safedisk_testkit::payload::pseudo_random(seed, len)
 }
 
 pub fn key(name: &str) -> CacheKey {

@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use futures::Stream;
+use safedisk_testkit::payload;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -155,7 +156,7 @@ impl Upstream {
         let mut artifacts = HashMap::new();
         for (n, ecosystem) in Ecosystem::ALL.into_iter().enumerate() {
             for size in [Size::Small, Size::Large] {
-                let bytes = pseudo_random(n as u64 + 1, size.bytes());
+                let bytes = Bytes::from(payload::pseudo_random(n as u64 + 1, size.bytes()));
                 let sha256 = Sha256::digest(&bytes).into();
                 artifacts.insert((ecosystem, size), Artifact { bytes, sha256 });
             }
@@ -232,21 +233,6 @@ pub fn artifact_path(ecosystem: Ecosystem, name: &str) -> String {
         Ecosystem::Maven => format!("org/example/{name}/1.0.0/{name}-1.0.0.jar"),
         Ecosystem::Go => format!("example.com/{name}/@v/v1.0.0.zip"),
     }
-}
-
-/// Bytes from a xorshift generator: incompressible, and the same for the
-/// same seed on every run.
-fn pseudo_random(seed: u64, len: usize) -> Bytes {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    Bytes::from(out)
 }
 
 async fn serve(
