@@ -195,6 +195,7 @@ impl<B: CacheBackend + ?Sized> CacheBackend for Faulty<B> {
     async fn pending(&self) -> Result<u64, CacheError> {
         self.inner.pending().await
     }
+
     fn usage(&self) -> Option<safedisk_core::Usage> {
         self.inner.usage()
     }

@@ -93,6 +93,7 @@ impl CacheBackend for Witness {
     async fn pending(&self) -> Result<u64, CacheError> {
         self.inner.pending().await
     }
+
     fn usage(&self) -> Option<safedisk_core::Usage> {
         self.inner.usage()
     }
