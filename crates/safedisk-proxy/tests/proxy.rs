@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use safedisk_core::{CacheBackend, CacheKey, MemoryBackend, WriteOptions};
 use safedisk_faulty::Faulty;
 use safedisk_fs::{FsBackend, FsOptions};
+use safedisk_s3::{ObjectStoreBackend, S3Options};
 use safedisk_testkit::probe::{LeakProbe, established};
 use support::{
     Mode, artifact, client, fetch, health, metrics, paths, proxy, upstream, url, wait_cached,
@@ -377,46 +378,16 @@ async fn storage_usage_and_evictions_are_reported() {
     }
 }
 
-/// A backend that keeps no count reports none: no storage metrics, and
-/// `null` in the health JSON.
+/// A backend that keeps no count, such as an object store bucket, reports
+/// none: no storage metrics, and `null` in the health JSON.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_without_usage_reports_none() {
-    #[derive(Debug)]
-    struct Uncounted(MemoryBackend);
-
-    #[async_trait::async_trait]
-    impl CacheBackend for Uncounted {
-        fn name(&self) -> &str {
-            "uncounted"
-        }
-        async fn begin(
-            &self,
-            key: &CacheKey,
-            options: &WriteOptions,
-        ) -> Result<Box<dyn safedisk_core::CacheWriter>, safedisk_core::CacheError> {
-            self.0.begin(key, options).await
-        }
-        async fn get(
-            &self,
-            key: &CacheKey,
-        ) -> Result<Option<safedisk_core::Entry>, safedisk_core::CacheError> {
-            self.0.get(key).await
-        }
-        async fn remove(&self, key: &CacheKey) -> Result<bool, safedisk_core::CacheError> {
-            self.0.remove(key).await
-        }
-        async fn recover(
-            &self,
-        ) -> Result<safedisk_core::RecoveryReport, safedisk_core::CacheError> {
-            self.0.recover().await
-        }
-        async fn pending(&self) -> Result<u64, safedisk_core::CacheError> {
-            self.0.pending().await
-        }
-    }
+    let store = Arc::new(object_store::memory::InMemory::new());
+    let bucket = ObjectStoreBackend::new(store, "cache", S3Options::new()).unwrap();
+    assert!(bucket.usage().is_none());
 
     let upstream = upstream().await;
-    let proxy = proxy(&upstream, Arc::new(Uncounted(MemoryBackend::new())), |c| c).await;
+    let proxy = proxy(&upstream, Arc::new(bucket), |c| c).await;
     let client = client();
     let json = health(&client, &proxy).await;
     assert!(json["storage"].is_null(), "{json}");
